@@ -1,0 +1,19 @@
+"""Autoregressive baseline: the same DiT backbone with a causal mask, exact NLL.
+
+  python -m mdm_jax.main --config=configs/shakespeare_ar.py --workdir=runs/ar
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.shakespeare_prime import apply_variants, get_shakespeare_base
+
+
+def get_config(arg: str = ""):
+  c = get_shakespeare_base()
+  c.objective = "ar"
+  c.prime.ell = 1
+  c.sampling.sampler = "ar"
+  return apply_variants(c, arg)

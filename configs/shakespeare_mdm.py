@@ -1,0 +1,18 @@
+"""Plain MDM (ell = 1, MDLM/MD4 ELBO) with the same backbone and data as the Prime default.
+
+  python -m mdm_jax.main --config=configs/shakespeare_mdm.py --workdir=runs/mdm
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.shakespeare_prime import apply_variants, get_shakespeare_base
+
+
+def get_config(arg: str = ""):
+  c = get_shakespeare_base()
+  c.objective = "diffusion"
+  c.prime.ell = 1
+  return apply_variants(c, arg)

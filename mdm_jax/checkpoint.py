@@ -1,0 +1,160 @@
+"""Orbax checkpoints: train state + data-iterator state + config, atomically.
+
+One ``CheckpointManager`` per workdir saves a Composite of
+``state`` (parameters, optimizer state, EMA parameters, step, PRNG key),
+``data`` (the grain iterator's position, so a resumed run sees exactly the
+batches an uninterrupted one would) and ``config`` (JSON).  Orbax writes each
+step into a temporary directory and renames it when complete, so a crash
+mid-save never leaves a checkpoint that looks finished; restores go through
+abstract arrays that carry the *current* shardings, so a run saved on one mesh
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+# Config sections whose values must match between a checkpoint and the run that
+# restores it (they change parameter shapes or what the parameters mean).
+COMPAT_KEYS = ("objective", "model", "prime", "data.tokenizer", "data.bpe_vocab_size",
+               "data.dataset", "data.path")
+# Within those sections, keys that may change freely on resume.
+COMPAT_IGNORE = ("model.dropout", "model.remat", "model.scan_layers", "model.attention_impl",
+                 "model.dtype")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, partial or incompatible; the message says what to do."""
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def compat_view(config_dict: Dict[str, Any]) -> Dict[str, Any]:
+  flat = _flatten(config_dict)
+  keep = {}
+  for k, v in flat.items():
+    if any(k == c or k.startswith(c + ".") for c in COMPAT_KEYS) and k not in COMPAT_IGNORE:
+      keep[k] = v
+  return keep
+
+
+def config_mismatches(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, tuple]:
+  a, b = compat_view(saved), compat_view(current)
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+          for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+class Checkpointer:
+  """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only)
+    self.save_every = save_every
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  # ------------------------------------------------------------------ queries
+  def latest_step(self) -> Optional[int]:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> Iterable[int]:
+    return self._mngr.all_steps()
+
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state: Any, data_iter: Any = None,
+           config_dict: Optional[Dict[str, Any]] = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if config_dict is not None:
+      items["config"] = ocp.args.JsonSave(config_dict)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  # ------------------------------------------------------------------ restore
+  def read_config(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    step = self.latest_step() if step is None else step
+    path = os.path.join(self.directory, str(step), "config")
+    for name in ("metadata", "config.json"):
+      p = os.path.join(path, name)
+      if os.path.exists(p):
+        with open(p) as f:
+          return json.load(f)
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def check_compatible(self, current_config: Dict[str, Any], step: Optional[int] = None):
+    saved = self.read_config(step)
+    if saved is None:
+      logging.warning("Checkpoint in %s has no saved config; skipping compatibility check.",
+                      self.directory)
+      return
+    diff = config_mismatches(saved, current_config)
+    if diff:
+      lines = "\n".join(f"  {k}: checkpoint={a!r}  current={b!r}" for k, (a, b) in diff.items())
+      raise CheckpointError(
+          f"The checkpoint in {self.directory} (step {step or self.latest_step()}) was trained "
+          f"with a different configuration:\n{lines}\nRun with the checkpoint's values for these "
+          "fields (e.g. --config.<field>=<value>), or use a new --workdir.")
+
+  def restore(self, abstract_state: Any, data_iter: Any = None,
+              step: Optional[int] = None) -> Any:
+    """Restores onto the shardings carried by ``abstract_state``'s leaves.
+
+    ``abstract_state`` is a tree of jax.ShapeDtypeStruct with ``sharding`` set
+    (the target mesh may differ from the one that saved).  When ``data_iter`` is
+    given its state is restored in place.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint found in {self.directory}. Train first "
+                            "(--mode=train) or point --workdir at a training run.")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except FileNotFoundError as e:
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} is incomplete or corrupt ({e}). "
+          f"Delete {os.path.join(self.directory, str(step))} to fall back to an earlier step."
+      ) from e
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} does not match the current model/optimizer "
+          f"structure ({type(e).__name__}: {str(e)[:500]}). Use the configuration it was trained "
+          "with, or a new --workdir.") from e
+    return out["state"]
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

@@ -1,0 +1,236 @@
+"""Training and evaluation objectives: the MDM ELBO, Prime's two forms, and AR.
+
+All objectives return a per-sequence loss in nats (summed over tokens, not
+averaged) so that a perplexity is ``exp(sum of losses / number of tokens)``
+over an evaluation set, always normalised by the number of *original* tokens
+(never by L * ell).
+
+Continuous-time masked-diffusion ELBO (MDLM / MD4 form), for a schedule alpha:
+
+    NELBO(x) = int_0^1 w(t) E_{y_t ~ q(.|x)} [ sum_{masked} -log p(x_i | y_t) ] dt,
+    w(t) = -alpha'(t) / (1 - alpha(t)).
+
+We draw t ~ U[t_min, 1] (stratified over the batch), multiply by (1 - t_min)
+so the Monte Carlo estimate is unbiased for the integral over [t_min, 1], and
+add the exact cost of the interval [0, t_min] under a uniform decoder,
+(1 - alpha(t_min)) * L * ell * log b, which keeps the reported value a
+*strict* upper bound on -log p(x) for any t_min.
+
+Prime (ell > 1) has two forms, chosen by ``prime.loss``:
+
+* ``marginal`` (default; the only one ever reported as a likelihood): every
+  masked digit j of token i is scored by its marginal under the token
+  distribution, -log sum_x p(x | y_t) 1[digit_j(x) = y0_ij].  This is the
+  MDM ELBO of the digit sequence, hence a valid bound (prime.md §3.4).
+* ``joint`` (the published objective, kept for comparison): one
+  -log p(x0_i | y_t) per token with at least one masked digit.  It is NOT an
+  upper bound on the NLL when a token's digits are dependent (prime.md §3.3);
+  the published perplexities that used it were withdrawn by their authors.
+
+Both reduce to the plain MDM ELBO when ell = 1 (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from mdm_jax import prime as prime_lib
+from mdm_jax.schedules import Schedule
+
+Array = jax.Array
+# apply_fn(params, inputs [B, L, ell] int, t [B] f32, *, train: bool, rng) -> logits [B, L, V]
+ApplyFn = Callable[..., Array]
+
+LOSS_FORMS = ("marginal", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionLossConfig:
+  """Static settings of the diffusion objective."""
+  form: str = "marginal"          # marginal | joint
+  carry_over: bool = True
+  t_min: float = 1e-3
+  antithetic: bool = True
+
+  def __post_init__(self):
+    if self.form not in LOSS_FORMS:
+      raise ValueError(f"prime.loss must be one of {LOSS_FORMS}, got {self.form!r}.")
+    if not 0.0 < self.t_min < 1.0:
+      raise ValueError(f"training.t_min must be in (0, 1), got {self.t_min}.")
+
+
+def sample_times(key: Array, batch: int, t_min: float, antithetic: bool = True,
+                 offset: int = 0, num_strata: Optional[int] = None) -> Array:
+  """t in [t_min, 1], shape [batch], f32.
+
+  Stratified ("antithetic" in MDLM/MD4) sampling: one shared u ~ U(0,1) and
+  t_k = ((u + offset + k) / num_strata) mod 1 for k < batch, so the batch
+  (or several calls with different offsets) covers [0, 1) evenly.
+  """
+  if antithetic:
+    n = num_strata or batch
+    u = jax.random.uniform(key, (), jnp.float32)
+    r = jnp.mod((u + offset + jnp.arange(batch, dtype=jnp.float32)) / n, 1.0)
+  else:
+    r = jax.random.uniform(key, (batch,), jnp.float32)
+  return t_min + (1.0 - t_min) * r
+
+
+# ----------------------------------------------------------------- per-token NLL
+def mdm_token_nll(logits: Array, noisy_tokens: Array, tokens: Array,
+                  mask_id: int) -> Array:
+  """Reference MDLM "SUBS" cross-entropy: -log softmax(logits)[x] on masked tokens.
+
+  Args: logits [B, L, V]; noisy_tokens, tokens [B, L].  Returns f32 [B, L].
+  """
+  chex.assert_equal_shape([noisy_tokens, tokens])
+  chex.assert_rank(logits, 3)
+  logits = logits.astype(jnp.float32)
+  lse = jax.scipy.special.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return jnp.where(noisy_tokens == mask_id, lse - picked, 0.0)
+
+
+def prime_token_nll(logits: Array, noisy_digits: Array, digits: Array,
+                    codec: prime_lib.PrimeCodec, form: str = "marginal",
+                    carry_over: bool = True) -> Array:
+  """Per-token Prime loss [B, L] (f32).
+
+  Args:
+    logits: [B, L, V] token logits.
+    noisy_digits: int [B, L, ell] with codec.mask_id at masked digits.
+    digits: int [B, L, ell] clean digits.
+    codec: the Prime codec.
+    form: "marginal" (valid bound) or "joint" (published, not a bound).
+    carry_over: restrict p(x|y_t) to tokens consistent with observed digits.
+  """
+  b, l = logits.shape[:2]
+  chex.assert_shape([noisy_digits, digits], (b, l, codec.ell))
+  logp = codec.restricted_code_logprobs(
+      logits, noisy_digits if carry_over else None)        # [B, L, b, ..., b]
+  masked = noisy_digits == codec.mask_id                    # [B, L, ell]
+  if form == "marginal":
+    marg = codec.digit_log_marginals(logp)                  # [B, L, ell, b]
+    picked = jnp.take_along_axis(marg, digits[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(masked, -picked, 0.0), axis=-1)
+  if form == "joint":
+    flat = logp.reshape((b, l, codec.num_codes))
+    code = codec.digits_to_code(digits)
+    picked = jnp.take_along_axis(flat, code[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.any(masked, axis=-1), -picked, 0.0)
+  raise ValueError(f"Unknown Prime loss form {form!r}; valid: {LOSS_FORMS}.")
+
+
+# ----------------------------------------------------------------- sequence losses
+def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                   codec: prime_lib.PrimeCodec, schedule: Schedule,
+                   cfg: DiffusionLossConfig, train: bool = True,
+                   t: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+  """Monte Carlo NELBO (or the joint objective) per sequence, in nats.
+
+  Args:
+    apply_fn: the network.
+    params: its parameters.
+    tokens: int [B, L] clean tokens.
+    key: PRNG key (time, mask and dropout randomness all derive from it).
+    codec, schedule, cfg: see module docstring.
+    train: enables dropout.
+    t: optional [B] times to use instead of sampling them.
+  Returns:
+    (loss [B] f32, metrics) where loss includes the [0, t_min] term.
+  """
+  chex.assert_rank(tokens, 2)
+  bsz, length = tokens.shape
+  k_t, k_m, k_net = jax.random.split(key, 3)
+  if t is None:
+    t = sample_times(k_t, bsz, cfg.t_min, cfg.antithetic)
+  digits = codec.encode(tokens)
+  noisy = prime_lib.mask_digits(k_m, digits, schedule.mask_prob(t), codec.mask_id)
+  logits = apply_fn(params, noisy, t, train=train, rng=k_net)
+  chex.assert_shape(logits, (bsz, length, codec.vocab_size))
+  nll = prime_token_nll(logits, noisy, digits, codec, cfg.form, cfg.carry_over)
+  weight = schedule.weight(t) * (1.0 - cfg.t_min)
+  loss = weight * jnp.sum(nll, axis=-1) + reconstruction_bound(
+      schedule, cfg.t_min, length, codec)
+  metrics = {
+      "masked_fraction": jnp.mean((noisy == codec.mask_id).astype(jnp.float32)),
+      "partial_fraction": jnp.mean(
+          (jnp.any(noisy == codec.mask_id, -1) & jnp.any(noisy != codec.mask_id, -1)
+           ).astype(jnp.float32)),
+  }
+  return loss, metrics
+
+
+def reconstruction_bound(schedule: Schedule, t_min: float, length: int,
+                         codec: prime_lib.PrimeCodec) -> Array:
+  """Exact cost of [0, t_min] when the digits still masked at t_min are filled
+  uniformly: E[#masked digits] * log b.  Tiny (t_min = 1e-3) but keeps the bound strict."""
+  p = schedule.mask_prob(jnp.float32(t_min))
+  return p * length * codec.ell * math.log(codec.base)
+
+
+def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                       schedule: Schedule, vocab_size: int, t_min: float = 1e-3,
+                       antithetic: bool = True, train: bool = False) -> Array:
+  """The plain MDM (MDLM/MD4) ELBO, written independently of the Prime code.
+
+  Uses the same key splits as ``diffusion_loss`` so both see the same times and
+  masks; ``diffusion_loss`` with ell = 1 must match it exactly (tested).
+  """
+  bsz, length = tokens.shape
+  k_t, k_m, k_net = jax.random.split(key, 3)
+  t = sample_times(k_t, bsz, t_min, antithetic)
+  u = jax.random.uniform(k_m, tokens.shape + (1,), jnp.float32)[..., 0]
+  noisy = jnp.where(u < schedule.mask_prob(t)[:, None], vocab_size, tokens)
+  logits = apply_fn(params, noisy[..., None], t, train=train, rng=k_net)
+  nll = mdm_token_nll(logits, noisy, tokens, vocab_size)
+  recon = schedule.mask_prob(jnp.float32(t_min)) * length * math.log(vocab_size)
+  return schedule.weight(t) * (1.0 - t_min) * jnp.sum(nll, -1) + recon
+
+
+def ar_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+            bos_id: int, train: bool = True) -> Tuple[Array, Dict[str, Array]]:
+  """Exact autoregressive NLL per sequence (nats) with a causal backbone.
+
+  The input is [BOS, x_0 .. x_{L-2}] (BOS = the embedding row the diffusion
+  models use for the mask, id V), the target is x_0 .. x_{L-1}.
+  """
+  bsz, _ = tokens.shape
+  inputs = jnp.concatenate(
+      [jnp.full((bsz, 1), bos_id, tokens.dtype), tokens[:, :-1]], axis=1)
+  t = jnp.zeros((bsz,), jnp.float32)
+  logits = apply_fn(params, inputs[..., None], t, train=train, rng=key).astype(jnp.float32)
+  lse = jax.scipy.special.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return jnp.sum(lse - picked, axis=-1), {}
+
+
+def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                    codec: prime_lib.PrimeCodec, schedule: Schedule,
+                    cfg: DiffusionLossConfig, num_time_samples: int = 1) -> Array:
+  """Evaluation: the NELBO per sequence averaged over K stratified times.
+
+  The K * B times jointly cover [t_min, 1] in K * B strata (one shared
+  uniform offset), with one network call per k.  Always evaluates the
+  *marginal* (valid) bound, whatever form was used for training.
+  """
+  bound_cfg = dataclasses.replace(cfg, form="marginal")
+  bsz = tokens.shape[0]
+  k_u, k_rest = jax.random.split(key)
+  keys = jax.random.split(k_rest, num_time_samples)
+
+  def one(k, carry):
+    t = sample_times(k_u, bsz, cfg.t_min, True, offset=k * bsz,
+                     num_strata=bsz * num_time_samples)
+    loss, _ = diffusion_loss(apply_fn, params, tokens, keys[k], codec=codec,
+                             schedule=schedule, cfg=bound_cfg, train=False, t=t)
+    return carry + loss
+
+  total = jax.lax.fori_loop(0, num_time_samples, one, jnp.zeros((bsz,), jnp.float32))
+  return total / num_time_samples

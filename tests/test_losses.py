@@ -1,0 +1,232 @@
+"""Mathematical invariants of the objectives.
+
+The decisive test: with a Bayes-optimal (oracle) decoder on sources of known
+entropy, the reported bound is >= the true entropy (minus Monte Carlo error),
+for MDM and for Prime, while the published joint objective falls below it.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mdm_jax import losses, prime
+from mdm_jax.models import build_model
+from mdm_jax.schedules import get_schedule
+
+LIN = get_schedule(ml_collections.ConfigDict({"name": "linear"}))
+COS = get_schedule(ml_collections.ConfigDict({"name": "cosine"}))
+
+
+def _tiny_model(vocab, ell, base, causal=False):
+  c = ml_collections.ConfigDict(dict(
+      name="dit", num_layers=2, d_model=32, num_heads=2, mlp_ratio=2, cond_dim=16, dropout=0.0,
+      time_conditioning=True, tie_embeddings=False, dtype="float32", param_dtype="float32",
+      attention_impl="xla", scan_layers=True, remat="none"))
+  model = build_model(c, vocab_size=vocab, ell=ell, base=base, causal=causal)
+
+  def apply_fn(params, digits, t, *, train=False, rng=None):
+    return model.apply({"params": params}, digits, t, train=train)
+  return model, apply_fn
+
+
+def _init(model, length, ell):
+  import flax.linen as nn
+  v = model.init(jax.random.key(0), jnp.zeros((2, length, ell), jnp.int32), jnp.ones((2,)))
+  params = nn.unbox(v)["params"]
+  # Perturb the zero-initialised head/adaLN so predictions are not uniform.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.mark.parametrize("form", ["marginal", "joint"])
+@pytest.mark.parametrize("schedule", [LIN, COS])
+def test_prime_ell1_equals_mdm_elbo(form, schedule):
+  vocab, length = 13, 16
+  codec = prime.PrimeCodec.create(vocab, 1)
+  model, apply_fn = _tiny_model(vocab, 1, codec.base)
+  params = _init(model, length, 1)
+  tokens = jax.random.randint(jax.random.key(2), (8, length), 0, vocab)
+  cfg = losses.DiffusionLossConfig(form=form, carry_over=True, t_min=1e-3)
+  ours_fn = jax.jit(lambda k: losses.diffusion_loss(
+      apply_fn, params, tokens, k, codec=codec, schedule=schedule, cfg=cfg, train=False)[0])
+  ref_fn = jax.jit(lambda k: losses.mdm_elbo_reference(
+      apply_fn, params, tokens, k, schedule=schedule, vocab_size=vocab, t_min=1e-3))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    ours, ref = ours_fn(key), ref_fn(key)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(ours - ref))) < 1e-4
+
+
+def test_marginal_and_joint_agree_when_at_most_one_digit_masked():
+  # With a single masked digit per token, the digit marginal IS the joint.
+  codec = prime.PrimeCodec.create(30, 3)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 30, (4, 6))
+  digits = codec.encode(tokens)
+  slot = rng.integers(0, 3, (4, 6))
+  noisy = np.where(np.arange(3) == slot[..., None], codec.mask_id, digits)
+  logits = jnp.asarray(rng.normal(size=(4, 6, 30)), jnp.float32)
+  m = losses.prime_token_nll(logits, jnp.asarray(noisy), jnp.asarray(digits), codec, "marginal")
+  j = losses.prime_token_nll(logits, jnp.asarray(noisy), jnp.asarray(digits), codec, "joint")
+  np.testing.assert_allclose(np.asarray(m), np.asarray(j), rtol=1e-5)
+
+
+@pytest.mark.parametrize("ell", [1, 2, 3])
+def test_loss_and_grads_finite_at_extreme_times(ell):
+  vocab, length = 27, 8
+  codec = prime.PrimeCodec.create(vocab, ell)
+  model, apply_fn = _tiny_model(vocab, ell, codec.base)
+  params = _init(model, length, ell)
+  tokens = jax.random.randint(jax.random.key(0), (4, length), 0, vocab)
+  for form in ("marginal", "joint"):
+    cfg = losses.DiffusionLossConfig(form=form, t_min=1e-3)
+
+    def total(p, t):
+      return jnp.sum(losses.diffusion_loss(apply_fn, p, tokens, jax.random.key(1), codec=codec,
+                                           schedule=LIN, cfg=cfg, t=jnp.full((4,), t))[0])
+    fn = jax.jit(jax.value_and_grad(total))
+    for t in (1e-6, 1e-3, 0.5, 1.0):
+      loss, g = fn(params, t)
+      assert np.isfinite(float(loss)), (form, t)
+      assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g)), (form, t)
+
+
+def test_stratified_times_cover_unit_interval():
+  t = np.sort(np.asarray(losses.sample_times(jax.random.key(0), 64, 1e-3, True)))
+  r = (t - 1e-3) / (1 - 1e-3)
+  strata = np.floor(r * 64).astype(int)
+  assert sorted(strata.tolist()) == list(range(64))
+
+
+# ----------------------------------------------------------------------------- entropy
+def _oracle_apply(codec, seqs, probs):
+  """Bayes-optimal decoder for a distribution over whole sequences (enumerated).
+
+  Returns logits log p(x_i = v | observed digits of the whole sequence), i.e. the
+  exact per-position posterior marginals.
+  """
+  seqs = jnp.asarray(seqs)                        # [S, L]
+  logp = jnp.log(jnp.asarray(probs, jnp.float32))  # [S]
+  sd = jnp.asarray(codec.encode(np.asarray(seqs)))  # [S, L, ell]
+  onehot = jax.nn.one_hot(seqs, codec.vocab_size)  # [S, L, V]
+
+  def apply_fn(params, noisy, t, *, train=False, rng=None):
+    del params, t, train, rng
+    ok = (noisy[:, None] == codec.mask_id) | (noisy[:, None] == sd[None])   # [B, S, L, ell]
+    cons = jnp.all(ok, axis=(2, 3))                                          # [B, S]
+    w = jnp.where(cons, logp[None], -jnp.inf)
+    w = w - jax.scipy.special.logsumexp(w, axis=1, keepdims=True)
+    post = jnp.einsum("bs,slv->blv", jnp.exp(w), onehot)
+    return jnp.log(jnp.maximum(post, 1e-30))
+  return apply_fn
+
+
+def _mc_bound(apply_fn, codec, sampler_seqs, probs, form, n=40000, seed=0, carry=True):
+  rng = np.random.default_rng(seed)
+  idx = rng.choice(len(probs), size=n, p=np.asarray(probs) / np.sum(probs))
+  tokens = jnp.asarray(np.asarray(sampler_seqs)[idx])
+  cfg = losses.DiffusionLossConfig(form=form, carry_over=carry, t_min=1e-3)
+  loss, _ = jax.jit(lambda k: losses.diffusion_loss(
+      apply_fn, None, tokens, k, codec=codec, schedule=LIN, cfg=cfg, train=False))(
+          jax.random.key(seed))
+  loss = np.asarray(loss, np.float64)
+  return loss.mean(), loss.std() / np.sqrt(n)
+
+
+def test_bound_vs_entropy_correlated_digits():
+  """p(00) = p(11) = 1/2 (tokens 0 and 3, V=4, ell=2, b=2): H = ln 2."""
+  codec = prime.PrimeCodec.create(4, 2)
+  seqs, probs = [[0], [3]], [0.5, 0.5]
+  h = np.log(2)
+  apply_fn = _oracle_apply(codec, seqs, probs)
+  m, se = _mc_bound(apply_fn, codec, seqs, probs, "marginal")
+  assert m >= h - 4 * se
+  assert abs(m - h) < 4 * se + 0.01          # tight at the optimum
+  j, se_j = _mc_bound(apply_fn, codec, seqs, probs, "joint")
+  assert j < h - 0.25                         # ~0.347: the published form is not a bound
+  assert abs(j - 0.5 * h) < 4 * se_j + 0.01
+
+
+def _markov_source(v=4, length=3, seed=0):
+  rng = np.random.default_rng(seed)
+  p0 = rng.dirichlet(np.ones(v))
+  trans = rng.dirichlet(np.ones(v) * 0.3, size=v)
+  seqs = np.array(list(itertools.product(range(v), repeat=length)))
+  probs = p0[seqs[:, 0]] * np.prod([trans[seqs[:, i], seqs[:, i + 1]]
+                                    for i in range(length - 1)], axis=0)
+  h = -(probs * np.log(probs)).sum()
+  return seqs, probs, h
+
+
+@pytest.mark.parametrize("ell", [1, 2])
+def test_bound_vs_entropy_markov_chain(ell):
+  """A 3-token Markov chain over V=4 (ell=2 -> b=2): exact H by enumeration."""
+  seqs, probs, h = _markov_source()
+  codec = prime.PrimeCodec.create(4, ell)
+  apply_fn = _oracle_apply(codec, seqs, probs)
+  m, se = _mc_bound(apply_fn, codec, seqs, probs, "marginal", seed=1)
+  assert m >= h - 4 * se, (m, h, se)
+  assert abs(m - h) < 4 * se + 0.02, (m, h, se)
+  if ell == 2:
+    j, se_j = _mc_bound(apply_fn, codec, seqs, probs, "joint", seed=1)
+    assert j < h - 4 * se_j, (j, h)      # joint undercuts the entropy
+
+
+def test_imperfect_model_bound_exceeds_entropy():
+  """A wrong model: bound >= cross-entropy >= entropy, for MDM and Prime."""
+  seqs, probs, h = _markov_source(seed=3)
+  wrong = np.random.default_rng(7).dirichlet(np.ones(len(probs)))
+  for ell in (1, 2):
+    codec = prime.PrimeCodec.create(4, ell)
+    apply_fn = _oracle_apply(codec, seqs, wrong)
+    m, se = _mc_bound(apply_fn, codec, seqs, probs, "marginal", seed=2)
+    cross_entropy = -(probs * np.log(wrong)).sum()
+    assert m >= cross_entropy - 4 * se > h
+
+
+def test_no_carry_over_marginal_still_a_bound():
+  codec = prime.PrimeCodec.create(4, 2)
+  seqs, probs = [[0], [3]], [0.5, 0.5]
+  apply_fn = _oracle_apply(codec, seqs, probs)
+  m, se = _mc_bound(apply_fn, codec, seqs, probs, "marginal", carry=False)
+  assert m >= np.log(2) - 4 * se
+
+
+def test_eval_bound_averages_time_samples():
+  codec = prime.PrimeCodec.create(4, 2)
+  seqs, probs = [[0], [3]], [0.5, 0.5]
+  apply_fn = _oracle_apply(codec, seqs, probs)
+  tokens = jnp.asarray(np.array([[0], [3]] * 2000))
+  cfg = losses.DiffusionLossConfig(form="joint", t_min=1e-3)   # eval always uses marginal
+  b = losses.diffusion_bound(apply_fn, None, tokens, jax.random.key(0), codec=codec,
+                             schedule=LIN, cfg=cfg, num_time_samples=4)
+  b = np.asarray(b, np.float64)
+  se = b.std() / np.sqrt(len(b))
+  assert b.mean() >= np.log(2) - 4 * se
+  assert abs(b.mean() - np.log(2)) < 4 * se + 0.005
+
+
+# ----------------------------------------------------------------------------- AR
+def test_ar_loss_exact_and_causal():
+  vocab, length = 11, 10
+  model, apply_fn = _tiny_model(vocab, 1, vocab, causal=True)
+  params = _init(model, length, 1)
+  tokens = jax.random.randint(jax.random.key(0), (3, length), 0, vocab)
+  loss, _ = losses.ar_loss(apply_fn, params, tokens, jax.random.key(0), bos_id=vocab,
+                           train=False)
+  # Reference: score each prefix separately.
+  manual = np.zeros(3)
+  last_logits = jax.jit(lambda inp: apply_fn(params, inp[..., None], jnp.zeros(3))[:, -1])
+  for i in range(length):
+    inp = jnp.concatenate([jnp.full((3, 1), vocab), tokens[:, :i]], 1)
+    lg = last_logits(inp)
+    manual += np.asarray(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(
+        lg, tokens[:, i:i + 1], -1)[:, 0])
+  np.testing.assert_allclose(np.asarray(loss), manual, rtol=1e-4)
