@@ -58,6 +58,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "xla"      # xla | cudnn (passed to jax.nn.dot_product_attention)
   c.model.scan_layers = True
   c.model.remat = "none"              # none | full | dots
+  # Residual gate offset: 0.0 is adaLN-Zero (MDLM/DiT; blocks start as the identity);
+  # 1.0 starts them as ordinary pre-LN blocks, which learns faster on tiny budgets.
+  c.model.gate_init = 0.0
 
   # ---------------------------------------------------------------- training
   c.training = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""Prime (partial masking) on the complete Shakespeare plays, character level.
+"""Prime (partial masking) on the complete Shakespeare plays, BPE-1024 tokens.
 
 The embedded default: trains on 2 CPU cores in about 10 minutes and writes
 readable, Shakespeare-like samples.
@@ -59,23 +59,28 @@ def apply_variants(c, arg: str):
 def get_shakespeare_base():
   c = get_base_config()
   c.data.dataset = "shakespeare"
-  c.data.tokenizer = "char"
-  c.data.seq_len = 256
+  # Byte-level BPE trained locally on the corpus (1.6 s): every token is a real
+  # word piece, and 1024 = 32**2 = 2**10 gives Prime exact digit bases.
+  c.data.tokenizer = "bpe"
+  c.data.bpe_vocab_size = 1024
+  c.data.seq_len = 128                # ~420 characters
+  # Sized for 2 CPU cores (~0.65 s/step, ~3k tokens/s): ~10 minutes end to end.
   c.model.num_layers = 4
-  c.model.d_model = 256
+  c.model.d_model = 128
   c.model.num_heads = 4
+  c.model.gate_init = 1.0             # plain pre-LN start: learns faster on this budget
   c.training.batch_size = 16
-  c.training.num_steps = 1200
-  c.training.learning_rate = 2e-3
-  c.training.warmup_steps = 100
+  c.training.num_steps = 800
+  c.training.learning_rate = 3e-3
+  c.training.warmup_steps = 50
   c.training.ema_decay = 0.99
   c.training.log_every = 25
   c.eval.every_steps = 400
   c.eval.batch_size = 16
-  c.eval.num_batches = 8
+  c.eval.num_batches = 16
   c.eval.num_time_samples = 2
-  c.checkpoint.every_steps = 400
-  c.sampling.num_steps = 256
+  c.checkpoint.every_steps = 200
+  c.sampling.num_steps = 128
   c.sampling.num_samples = 4
   return c
 

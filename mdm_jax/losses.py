@@ -131,7 +131,8 @@ def prime_token_nll(logits: Array, noisy_digits: Array, digits: Array,
 def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
                    codec: prime_lib.PrimeCodec, schedule: Schedule,
                    cfg: DiffusionLossConfig, train: bool = True,
-                   t: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
+                   t: Optional[Array] = None,
+                   row_ids: Optional[Array] = None) -> Tuple[Array, Dict[str, Array]]:
   """Monte Carlo NELBO (or the joint objective) per sequence, in nats.
 
   Args:
@@ -142,6 +143,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     codec, schedule, cfg: see module docstring.
     train: enables dropout.
     t: optional [B] times to use instead of sampling them.
+    row_ids: optional int [B] global row indices; when given, each sequence's
+      mask is drawn from fold_in(key, row_id), so the result does not depend
+      on how a global batch is cut into microbatches or shards.
   Returns:
     (loss [B] f32, metrics) where loss includes the [0, t_min] term.
   """
@@ -151,7 +155,13 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   if t is None:
     t = sample_times(k_t, bsz, cfg.t_min, cfg.antithetic)
   digits = codec.encode(tokens)
-  noisy = prime_lib.mask_digits(k_m, digits, schedule.mask_prob(t), codec.mask_id)
+  if row_ids is None:
+    noisy = prime_lib.mask_digits(k_m, digits, schedule.mask_prob(t), codec.mask_id)
+  else:
+    k_net = jax.random.fold_in(k_net, row_ids[0])   # dropout differs per microbatch
+    noisy = jax.vmap(lambda r, d, p: prime_lib.mask_digits(
+        jax.random.fold_in(k_m, r), d[None], p[None], codec.mask_id)[0])(
+            row_ids, digits, schedule.mask_prob(t))
   logits = apply_fn(params, noisy, t, train=train, rng=k_net)
   chex.assert_shape(logits, (bsz, length, codec.vocab_size))
   nll = prime_token_nll(logits, noisy, digits, codec, cfg.form, cfg.carry_over)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -74,11 +75,14 @@ def generate(task, params, config, *, seed: Optional[int] = None, num_samples: O
   ctx = jax.set_mesh(mesh) if mesh is not None else _Null()
   with ctx:
     t0 = time.time()
-    res = jax.block_until_ready(fn(params, rng))
+    compiled = fn.lower(params, rng).compile()
+    compile_s = time.time() - t0
+    t0 = time.time()
+    res = jax.block_until_ready(compiled(params, rng))
     wall = time.time() - t0
   tokens = np.asarray(res.tokens)
   stats = {"sampler": sampler, "num_samples": n, "seq_len": seq_len, "num_steps": steps,
-           "nfe": int(res.nfe), "wall_time_s": wall,
+           "nfe": int(res.nfe), "wall_time_s": wall, "compile_time_s": compile_s,
            "tokens_per_s": n * seq_len / max(wall, 1e-9),
            "sample_entropy": unigram_entropy(tokens)}
   if hasattr(res, "idle_steps") and sampler != "ar":
@@ -110,5 +114,6 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
     with open(os.path.join(out, f"step_{step}.json"), "w") as f:
       json.dump(stats, f, indent=2)
     print(f"\n----- sample 0 at step {step} ({stats['sampler']}, NFE {stats['nfe']}, "
-          f"{stats['tokens_per_s']:.0f} tok/s) -----\n{texts[0][:600]}\n-----", flush=True)
+          f"{stats['tokens_per_s']:.0f} tok/s) -----\n{texts[0][:600]}\n-----", file=sys.stderr,
+          flush=True)
   return {"texts": texts, **stats}

@@ -66,13 +66,16 @@ class Task:
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return self.model.apply({"params": params}, digits, t, train=train, rngs=rngs)
 
-  def loss(self, params, tokens, key, *, train: bool, t=None):
+  def loss(self, params, tokens, key, *, train: bool, t=None, row_ids=None):
     """Per-sequence training objective in nats, and metrics."""
     if self.objective == "ar":
+      if row_ids is not None:
+        key = jax.random.fold_in(key, row_ids[0])
       return losses.ar_loss(self.apply_fn, params, tokens, key, bos_id=self.codec.mask_id,
                             train=train)
     return losses.diffusion_loss(self.apply_fn, params, tokens, key, codec=self.codec,
-                                 schedule=self.schedule, cfg=self.loss_cfg, train=train, t=t)
+                                 schedule=self.schedule, cfg=self.loss_cfg, train=train, t=t,
+                                 row_ids=row_ids)
 
   def bound(self, params, tokens, key, num_time_samples: int):
     """Per-sequence evaluation NLL (AR, exact) or valid NELBO bound (diffusion)."""
@@ -136,8 +139,10 @@ def state_shardings(task: Task, tx, mesh, rules) -> Tuple[Any, Any]:
 def init_state(task: Task, tx, mesh, rules, seed: int) -> Tuple[TrainState, Any]:
   abstract, shardings = state_shardings(task, tx, mesh, rules)
   del abstract
+  # Placement comes from out_shardings; the model's activation constraints are
+  # not needed (and scanned parameter boxes must not be constrained) at init.
   init = jax.jit(lambda k: nn.unbox(_init_boxed(task, tx, k)), out_shardings=shardings)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh):
     state = init(jax.random.key(seed))
   return state, shardings
 
@@ -151,8 +156,8 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
   length = task.seq_len
   micro_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
 
-  def loss_fn(params, tokens, key, t):
-    per_seq, metrics = task.loss(params, tokens, key, train=True, t=t)
+  def loss_fn(params, tokens, key, t, rows):
+    per_seq, metrics = task.loss(params, tokens, key, train=True, t=t, row_ids=rows)
     return jnp.sum(per_seq), metrics
 
   def step_fn(state: TrainState, batch):
@@ -164,19 +169,23 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
     tok_mb = jax.lax.with_sharding_constraint(
         tokens.reshape(n_micro, bsz // n_micro, length), micro_sharding)
     t_mb = t_all.reshape(n_micro, bsz // n_micro)
+    rows_mb = jnp.arange(bsz, dtype=jnp.int32).reshape(n_micro, bsz // n_micro)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    # Masks are drawn per global row, so microbatching changes nothing but the
+    # summation order; dropout (if any) uses a per-microbatch key.
     def micro(carry, xs):
       g_acc, l_acc = carry
-      i, tok, t = xs
-      (l, metrics), g = grad_fn(state.params, tok, jax.random.fold_in(k_loss, i), t)
+      i, tok, t, rows = xs
+      del i
+      (l, metrics), g = grad_fn(state.params, tok, k_loss, t, rows)
       g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       return (g_acc, l_acc + l), metrics
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     (grads, total), metrics = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)),
-        (jnp.arange(n_micro), tok_mb, t_mb))
+        (jnp.arange(n_micro), tok_mb, t_mb, rows_mb))
     norm = 1.0 / (bsz * length)                      # -> nats per token
     grads = jax.tree.map(lambda g: g * norm, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -186,7 +195,7 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
                          state.ema_params, params)
     else:
       ema = params
-    out = {"loss": total * norm, "grad_norm": optax.global_norm(grads)}
+    out = {"loss": total * norm, "grad_norm": (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(grads))}
     out.update(jax.tree.map(jnp.mean, metrics))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new, out

@@ -22,7 +22,8 @@ def _dit(model_config, vocab_size: int, ell: int, base: int, causal: bool):
       dtype=dtype_from_name(model_config.dtype),
       param_dtype=dtype_from_name(model_config.param_dtype),
       attention_impl=model_config.attention_impl,
-      scan_layers=bool(model_config.scan_layers), remat=str(model_config.remat)))
+      scan_layers=bool(model_config.scan_layers), remat=str(model_config.remat),
+      gate_init=float(model_config.get("gate_init", 0.0))))
 
 
 def build_model(model_config, *, vocab_size: int, ell: int, base: int, causal: bool = False):

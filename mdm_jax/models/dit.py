@@ -58,6 +58,7 @@ class DiTConfig:
   attention_impl: Optional[str] = None   # None/"xla" | "cudnn"
   scan_layers: bool = True
   remat: str = "none"                    # none | full | dots
+  gate_init: float = 0.0                 # 0: adaLN-Zero (blocks start as identity)
 
   def __post_init__(self):
     if self.d_model < self.ell:
@@ -83,6 +84,14 @@ def _dense_init(names, scale=1.0):
 
 def _zeros(names):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _kernel(module: nn.Module, name: str, shape, names, in_axis=0, out_axis=-1, zero=False,
+            param_dtype=jnp.float32):
+  """A weight with logical axis names (fan-in scaled, or zeros for adaLN-Zero / the head)."""
+  init = (nn.initializers.zeros_init() if zero else nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis))
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, param_dtype)
 
 
 class RMSLayerNorm(nn.Module):
@@ -133,19 +142,25 @@ class DiTBlock(nn.Module):
     cfg = self.cfg
     d, h = cfg.d_model, cfg.num_heads
     hd = d // h
-    dense = lambda feats, names, name, init=None: nn.DenseGeneral(  # noqa: E731
-        feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=init or _dense_init(names), name=name)
+    m = cfg.mlp_ratio * d
+    pd = cfg.param_dtype
+    w_qkv = _kernel(self, "qkv", (d, 3, h, hd), ("embed", None, "heads", "kv"), 0, (1, 2, 3),
+                    param_dtype=pd)
+    w_out = _kernel(self, "out", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2, param_dtype=pd)
+    w_in = _kernel(self, "mlp_in", (d, m), ("embed", "mlp"), param_dtype=pd)
+    w_o2 = _kernel(self, "mlp_out", (m, d), ("mlp", "embed"), param_dtype=pd)
+    cd = cfg.dtype
 
     mod = nn.Dense(6 * d, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                    kernel_init=_zeros(("cond", "embed")),
                    bias_init=_zeros(("embed",)), name="adaLN")(c)
     sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(mod, 6, axis=-1)
+    g_a, g_m = g_a + cfg.gate_init, g_m + cfg.gate_init
 
     # ---- attention
     y = RMSLayerNorm(cfg.param_dtype, name="ln_attn")(x)
     y = _modulate(y.astype(jnp.float32), sh_a, sc_a).astype(cfg.dtype)
-    qkv = dense((3, h, hd), ("embed", None, "heads", "kv"), "qkv")(y)
+    qkv = jnp.einsum("bld,dthk->blthk", y, w_qkv.astype(cd))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
@@ -155,9 +170,7 @@ class DiTBlock(nn.Module):
     impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
     att = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=impl)
     att = nn.with_logical_constraint(att, ("batch", "length", "heads", "kv"))
-    o = nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
-                        param_dtype=cfg.param_dtype,
-                        kernel_init=_dense_init(("heads", "kv", "embed")), name="out")(att)
+    o = jnp.einsum("blhk,hkd->bld", att, w_out.astype(cd))
     o = nn.Dropout(cfg.dropout)(o, deterministic=self.deterministic)
     x = x + (g_a[:, None, :] * o.astype(jnp.float32)).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -165,10 +178,10 @@ class DiTBlock(nn.Module):
     # ---- MLP
     y = RMSLayerNorm(cfg.param_dtype, name="ln_mlp")(x)
     y = _modulate(y.astype(jnp.float32), sh_m, sc_m).astype(cfg.dtype)
-    y = dense(cfg.mlp_ratio * d, ("embed", "mlp"), "mlp_in")(y)
+    y = jnp.einsum("bld,dm->blm", y, w_in.astype(cd))
     y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
     y = nn.gelu(y, approximate=True)
-    y = dense(d, ("mlp", "embed"), "mlp_out")(y)
+    y = jnp.einsum("blm,md->bld", y, w_o2.astype(cd))
     y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     x = x + (g_m[:, None, :] * y.astype(jnp.float32)).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -246,7 +259,7 @@ class DiT(nn.Module):
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                               param_dtype=cfg.param_dtype,
-                               kernel_init=_zeros(("embed", "vocab")), name="head")(x)
+      w = _kernel(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), zero=True,
+                  param_dtype=cfg.param_dtype)
+      logits = jnp.einsum("bld,dv->blv", x, w.astype(cfg.dtype))
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

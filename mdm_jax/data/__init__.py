@@ -1,0 +1,24 @@
+"""Text data for mdm_jax: offline corpora, tokenizers and the Grain input pipeline."""
+
+from mdm_jax.data.corpora import CORPORA
+from mdm_jax.data.corpora import load_corpus
+from mdm_jax.data.corpora import shakespeare_text
+from mdm_jax.data.corpora import text_files
+from mdm_jax.data.text import make_text_data
+from mdm_jax.data.text import split_and_pack
+from mdm_jax.data.text import TextData
+from mdm_jax.data.text import tokenize_corpus
+from mdm_jax.data.tokenizers import BPETokenizer
+from mdm_jax.data.tokenizers import build_tokenizer
+from mdm_jax.data.tokenizers import ByteTokenizer
+from mdm_jax.data.tokenizers import CharTokenizer
+from mdm_jax.data.tokenizers import GPT2Tokenizer
+from mdm_jax.data.tokenizers import load_tokenizer
+from mdm_jax.data.tokenizers import Tokenizer
+from mdm_jax.data.tokenizers import TOKENIZERS
+
+__all__ = [
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA", "GPT2Tokenizer", "TextData",
+    "Tokenizer", "TOKENIZERS", "build_tokenizer", "load_corpus", "load_tokenizer",
+    "make_text_data", "shakespeare_text", "split_and_pack", "text_files", "tokenize_corpus",
+]

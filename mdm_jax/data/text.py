@@ -1,0 +1,261 @@
+"""Token streams, train/eval split and the Grain input pipeline for text.
+
+The corpus is tokenised once into a single int32 stream (cached in the
+workdir), its tail is held out for evaluation, and both parts are packed into
+non-overlapping rows of ``seq_len`` tokens.  Training batches come from an
+infinite, per-epoch reshuffled Grain dataset whose iterator state is
+checkpointable; eval batches are a fixed, padded and weighted list.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+from absl import logging
+import grain
+import numpy as np
+
+from mdm_jax.data import corpora
+from mdm_jax.data import tokenizers as tokenizers_lib
+
+TOKENS_FILE = "tokens.npy"
+TOKENS_META_FILE = "tokens_meta.json"
+
+
+def _cache_dir(workdir: Optional[str]) -> Optional[str]:
+  return os.path.join(workdir, "tokenizer") if workdir else None
+
+
+def _tokens_key(text: str, tokenizer: tokenizers_lib.Tokenizer, data_config) -> str:
+  h = hashlib.sha256()
+  h.update(text.encode("utf-8", errors="surrogatepass"))
+  h.update(tokenizer.fingerprint().encode("ascii"))
+  h.update(json.dumps(tokenizers_lib.tokenizer_settings(data_config), sort_keys=True).encode())
+  return f"{len(text)}-{h.hexdigest()}"
+
+
+def _load_cached_tokens(cache_dir: str, key: str) -> Optional[np.ndarray]:
+  meta_path = os.path.join(cache_dir, TOKENS_META_FILE)
+  tokens_path = os.path.join(cache_dir, TOKENS_FILE)
+  if not (os.path.isfile(meta_path) and os.path.isfile(tokens_path)):
+    return None
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("key") != key:
+      return None
+    tokens = np.load(tokens_path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    logging.warning("Ignoring the unreadable token cache in %s: %s", cache_dir, e)
+    return None
+  if tokens.dtype != np.int32 or tokens.ndim != 1 or len(tokens) != meta.get("num_tokens"):
+    return None
+  return tokens
+
+
+def _save_tokens(cache_dir: str, key: str, tokens: np.ndarray) -> None:
+  buf = io.BytesIO()
+  np.save(buf, tokens, allow_pickle=False)
+  tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_FILE), buf.getvalue())
+  tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_META_FILE),
+                              json.dumps({"key": key, "num_tokens": int(len(tokens))}))
+
+
+def _tokenize_text(data_config, text: str,
+                   workdir: Optional[str]) -> Tuple[np.ndarray, tokenizers_lib.Tokenizer]:
+  cache_dir = _cache_dir(workdir)
+  tokenizer = tokenizers_lib.build_tokenizer(data_config, text, cache_dir)
+  if cache_dir:
+    key = _tokens_key(text, tokenizer, data_config)
+    tokens = _load_cached_tokens(cache_dir, key)
+    if tokens is not None:
+      logging.info("Loaded %d cached tokens from %s.", len(tokens), cache_dir)
+      return tokens, tokenizer
+  tokens = np.ascontiguousarray(tokenizer.encode(text), dtype=np.int32)
+  if cache_dir:
+    _save_tokens(cache_dir, key, tokens)
+  return tokens, tokenizer
+
+
+def tokenize_corpus(data_config,
+                    workdir: Optional[str] = None) -> Tuple[np.ndarray, tokenizers_lib.Tokenizer]:
+  """Loads the corpus and encodes it into one token stream.
+
+  Args:
+    data_config: the ``config.data`` block.
+    workdir: if given, the tokenizer and the encoded stream are cached in
+      ``workdir/tokenizer/`` and reused by later calls with the same corpus and
+      settings.
+
+  Returns:
+    (1-D int32 token stream, tokenizer).
+  """
+  return _tokenize_text(data_config, corpora.load_corpus(data_config), workdir)
+
+
+def split_and_pack(tokens: np.ndarray, seq_len: int,
+                   eval_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+  """Holds out the tail of the stream for eval and packs both parts into rows.
+
+  Args:
+    tokens: 1-D token stream.
+    seq_len: tokens per row.
+    eval_fraction: fraction of the tokens held out (the tail of the stream);
+      at least one row is always held out.
+
+  Returns:
+    (train [N, seq_len], eval [M, seq_len]) int32 arrays of non-overlapping
+    rows, N >= 1 and M >= 1. Ragged ends are dropped.
+
+  Raises:
+    ValueError: bad arguments, or too few tokens for one train and one eval row.
+  """
+  tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+  seq_len = int(seq_len)
+  if seq_len <= 0:
+    raise ValueError(f"data.seq_len={seq_len} must be positive.")
+  if not 0.0 <= eval_fraction < 1.0:
+    raise ValueError(f"data.eval_fraction={eval_fraction} must be in [0, 1).")
+  n = len(tokens)
+  if n < 2 * seq_len:
+    raise ValueError(
+        f"The corpus is too small for data.seq_len={seq_len}: it has {n} tokens, and at least "
+        f"{2 * seq_len} are needed (one train and one eval sequence). Use a smaller data.seq_len "
+        f"(at most {n // 2}) or a larger corpus.")
+  eval_rows = max(1, int(n * eval_fraction) // seq_len)
+  train_rows = (n - eval_rows * seq_len) // seq_len
+  if train_rows < 1:
+    raise ValueError(
+        f"data.eval_fraction={eval_fraction} leaves no training sequence of {seq_len} tokens "
+        f"out of {n} tokens. Lower data.eval_fraction.")
+  eval_start = n - eval_rows * seq_len
+  train = tokens[:train_rows * seq_len].reshape(train_rows, seq_len)
+  evals = tokens[eval_start:].reshape(eval_rows, seq_len)
+  return np.ascontiguousarray(train), np.ascontiguousarray(evals)
+
+
+def _as_example(row: np.ndarray) -> Dict[str, np.ndarray]:
+  return {"tokens": row}
+
+
+@dataclasses.dataclass
+class TextData:
+  """A tokenised corpus split into packed train and eval rows.
+
+  Attributes:
+    tokenizer: the tokenizer that produced the rows.
+    train: int32 [N, seq_len] training rows.
+    eval: int32 [M, seq_len] held-out rows (the tail of the corpus).
+  """
+  tokenizer: tokenizers_lib.Tokenizer
+  train: np.ndarray
+  eval: np.ndarray
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.train.shape[1])
+
+  def train_dataset(self, global_batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+    """Infinite stream of this host's training batches, reshuffled every epoch.
+
+    Host ``process_index`` reads rows ``process_index::process_count``, so hosts
+    see disjoint rows. Batches are full (``drop_remainder``) and may span an
+    epoch boundary. ``iter(ds)`` has ``get_state()`` / ``set_state()`` for
+    exact resumption.
+
+    Args:
+      global_batch_size: sequences per step over all hosts.
+      seed: shuffle seed (each epoch uses a different order derived from it).
+      process_index: this host's index.
+      process_count: number of hosts.
+
+    Returns:
+      A ``grain.IterDataset`` of ``{"tokens": int32 [global_batch_size //
+      process_count, seq_len]}``.
+
+    Raises:
+      ValueError: the batch does not divide over hosts or exceeds the rows.
+    """
+    global_batch_size, process_count = int(global_batch_size), int(process_count)
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(f"The global batch size {global_batch_size} must be a positive multiple of "
+                       f"the number of processes ({process_count}).")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    local_batch = global_batch_size // process_count
+    ds = grain.MapDataset.source(self.train)[process_index::process_count]
+    if local_batch > len(ds):
+      raise ValueError(
+          f"The per-host batch of {local_batch} sequences is larger than the {len(ds)} training "
+          f"sequences of length {self.seq_len} on this host ({len(self.train)} in all). Use a "
+          "smaller training.batch_size or data.seq_len, or a larger corpus.")
+    ds = ds.shuffle(seed=int(seed)).repeat(None).map(_as_example)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+  def eval_batches(self, batch_size: int, num_batches: int, process_index: int = 0,
+                   process_count: int = 1) -> List[Dict[str, np.ndarray]]:
+    """A fixed, unshuffled list of this host's eval batches.
+
+    Global batch ``g`` holds eval rows ``[g * batch_size, (g + 1) * batch_size)``;
+    host ``p`` gets the ``p``-th slice of ``batch_size // process_count`` rows.
+    Rows past the end of the eval split are zeros with weight 0, so every batch
+    has the same shape and padding is excluded from metrics.
+
+    Args:
+      batch_size: global eval batch size.
+      num_batches: number of batches; 0 (or more than available) = the whole
+        eval split.
+      process_index: this host's index.
+      process_count: number of hosts.
+
+    Returns:
+      A list of ``{"tokens": int32 [local, seq_len], "weights": float32 [local]}``.
+      Every host gets the same number of batches.
+
+    Raises:
+      ValueError: empty eval split or a batch that does not divide over hosts.
+    """
+    batch_size, process_count = int(batch_size), int(process_count)
+    num_rows = len(self.eval)
+    if num_rows == 0:
+      raise ValueError("The eval split is empty: raise data.eval_fraction.")
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f"The eval batch size {batch_size} must be a positive multiple of the "
+                       f"number of processes ({process_count}).")
+    local = batch_size // process_count
+    available = -(-num_rows // batch_size)
+    n = available if num_batches <= 0 else min(int(num_batches), available)
+    batches = []
+    for g in range(n):
+      start = g * batch_size + process_index * local
+      idx = np.arange(start, start + local)
+      real = idx < num_rows
+      tokens = np.zeros((local, self.seq_len), np.int32)
+      tokens[real] = self.eval[idx[real]]
+      batches.append({"tokens": tokens, "weights": real.astype(np.float32)})
+    return batches
+
+
+def make_text_data(data_config, workdir: Optional[str] = None) -> TextData:
+  """Corpus -> tokenizer -> token stream -> packed train/eval rows.
+
+  Args:
+    data_config: the ``config.data`` block (dataset, path, tokenizer,
+      bpe_vocab_size, gpt2_bpe_path, seq_len, eval_fraction).
+    workdir: where to cache the tokenizer and tokens (``workdir/tokenizer/``);
+      None disables caching.
+  """
+  text = corpora.load_corpus(data_config)
+  tokens, tokenizer = _tokenize_text(data_config, text, workdir)
+  train, evals = split_and_pack(tokens, int(data_config.seq_len), float(data_config.eval_fraction))
+  logging.info(
+      "Data %s: %d chars; %s tokenizer, vocab %d; %d tokens (%.3f tokens/char); "
+      "train %d tokens = %d x %d; eval %d tokens = %d x %d.", data_config.dataset, len(text),
+      tokenizer.name, tokenizer.vocab_size, len(tokens), len(tokens) / max(len(text), 1),
+      train.size, train.shape[0], train.shape[1], evals.size, evals.shape[0], evals.shape[1])
+  return TextData(tokenizer=tokenizer, train=train, eval=evals)

@@ -1,0 +1,128 @@
+"""Logit filters (temperature, top-k, top-p) and the token categorical.
+
+All functions are pure, work on float32 logits (or log-probabilities) of shape
+[..., V], and are applied in the order temperature -> top-k -> top-p
+(``apply_filters``).  An excluded entry gets ``NEG_INF`` (-1e9), a large
+*finite* negative: a row whose entries are all excluded stays finite (softmax
+is then uniform instead of NaN), while exp(NEG_INF - max) underflows to exactly
+0 in float32 so an excluded entry is never drawn when anything else is allowed.
+
+Entries that are already <= NEG_INF / 2 on input (e.g. tokens ruled out by
+Prime's carry-over) stay at NEG_INF through every filter, in particular through
+a large temperature, which would otherwise bring -1e9 / tau back into range.
+
+``sample_categorical`` draws with the high-dynamic-range Gumbel noise
+(``mode="high"``): the default float32 Gumbel is capped at ~15.9 and biases
+categories below ~1e-7 (algorithms.md §7.7); "high" pushes that to ~1e-14.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mdm_jax.prime import NEG_INF
+
+Array = jax.Array
+
+TOP_P_RULES = ("holtzman", "mdlm")
+
+
+def _excluded(logits: Array) -> Array:
+  return logits <= NEG_INF / 2
+
+
+def _is_static_one(x) -> bool:
+  return isinstance(x, (int, float)) and float(x) == 1.0
+
+
+def apply_temperature(logits: Array, temperature=1.0) -> Array:
+  """logits / temperature (float32); temperature == 1 (a Python number) is a no-op.
+
+  ``temperature`` may be a Python number or a traced scalar; it must be > 0.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  if _is_static_one(temperature):
+    return logits
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  scaled = logits / jnp.asarray(temperature, jnp.float32)
+  return jnp.where(_excluded(logits), NEG_INF, scaled)
+
+
+def _rows(x: Array) -> Array:
+  return x.reshape((-1, x.shape[-1]))
+
+
+def _scatter_rows(keep_sorted: Array, order: Array, num_cols: int) -> Array:
+  """keep_sorted[r, j] refers to column order[r, j]; returns the [N, num_cols] mask."""
+  n = keep_sorted.shape[0]
+  rows = jnp.arange(n)[:, None]
+  return jnp.zeros((n, num_cols), bool).at[rows, order].set(keep_sorted)
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+  """Keeps the k largest entries of each row (ties broken by lower index).
+
+  k must be a static Python int; k <= 0 or k >= V turns the filter off.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  v = logits.shape[-1]
+  k = int(k)
+  if k <= 0 or k >= v:
+    return logits
+  flat = _rows(logits)
+  _, idx = jax.lax.top_k(flat, k)                               # [N, k]
+  keep = _scatter_rows(jnp.ones(idx.shape, bool), idx, v)
+  keep = keep.reshape(logits.shape) & ~_excluded(logits)
+  return jnp.where(keep, logits, NEG_INF)
+
+
+def top_p_filter(logits: Array, p, rule: str = "holtzman") -> Array:
+  """Nucleus filter.
+
+  rule="holtzman" (default; Holtzman et al. 2020): keep the smallest set of
+    most probable tokens whose total mass is >= p, i.e. token j (in sorted
+    order) is kept iff the mass strictly before it is < p.
+  rule="mdlm" (MDLM/ReMDM): keep tokens whose inclusive cumulative mass is
+    <= p, plus the top-1 -- it drops the token that crosses p, so it is
+    slightly sharper.
+  The top-1 token is always kept.  A Python p >= 1 turns the filter off; p may
+  also be a traced scalar.
+  """
+  if rule not in TOP_P_RULES:
+    raise ValueError(f"top-p rule must be one of {TOP_P_RULES}, got {rule!r}.")
+  logits = jnp.asarray(logits, jnp.float32)
+  if isinstance(p, (int, float)):
+    if p >= 1.0:
+      return logits
+    if not p > 0.0:
+      raise ValueError(f"top_p must be in (0, 1], got {p}.")
+  flat = _rows(logits)
+  order = jnp.argsort(-flat, axis=-1, stable=True)              # descending
+  sorted_logits = jnp.take_along_axis(flat, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  incl = jnp.cumsum(probs, axis=-1)
+  p = jnp.asarray(p, jnp.float32)
+  if rule == "holtzman":
+    keep_sorted = (incl - probs) < p
+  else:
+    keep_sorted = incl <= p
+  keep_sorted = keep_sorted.at[:, 0].set(True)
+  keep = _scatter_rows(keep_sorted, order, flat.shape[-1]).reshape(logits.shape) & ~_excluded(logits)
+  return jnp.where(keep, logits, NEG_INF)
+
+
+def apply_filters(logits: Array, temperature=1.0, top_k: int = 0, top_p=1.0,
+                  top_p_rule: str = "holtzman") -> Array:
+  """temperature, then top-k, then top-p; float32 out, excluded entries = NEG_INF."""
+  x = apply_temperature(logits, temperature)
+  x = top_k_filter(x, top_k)
+  x = top_p_filter(x, top_p, rule=top_p_rule)
+  return x
+
+
+def sample_categorical(key: Array, logits: Array) -> Array:
+  """One draw per row of logits [..., V] -> int32 [...], high-dynamic-range Gumbel."""
+  return jax.random.categorical(
+      key, jnp.asarray(logits).astype(jnp.float32), axis=-1, mode="high").astype(jnp.int32)

@@ -1,0 +1,81 @@
+"""End to end through the command line, as a user runs it (tiny sizes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, expect_ok=True, timeout=600):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)                 # one CPU device, like a user's laptop
+  proc = subprocess.run([sys.executable, "-m", "mdm_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if expect_ok and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("prime_tiny"))
+  cfg = "--config=configs/shakespeare_prime.py:tiny"
+  proc = _run([cfg, f"--workdir={wd}"])
+  return wd, cfg, proc
+
+
+def test_train_writes_metrics_samples_checkpoints(trained):
+  wd, _, proc = trained
+  assert "steps/s" in proc.stderr and "tok/s" in proc.stderr and "ETA" in proc.stderr
+  final = json.load(open(os.path.join(wd, "final_metrics.json")))
+  assert final["step"] == 30 and final["eval_ppl_bound"] > 1.0
+  recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any("eval/ppl_bound" in r for r in recs) and any("train/loss" in r for r in recs)
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  text = open(os.path.join(wd, "samples", "step_30.txt")).read()
+  assert "sample 0" in text and len(text) > 100
+  stats = json.load(open(os.path.join(wd, "samples", "step_30.json")))
+  assert stats["nfe"] >= 1 and stats["tokens_per_s"] > 0
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "30"))
+
+
+def test_eval_and_sample_modes(trained):
+  wd, cfg, _ = trained
+  ev = json.loads(_run([cfg, f"--workdir={wd}", "--mode=eval"]).stdout)
+  assert ev["step"] == 30 and ev["bound"].startswith("valid")
+  final = json.load(open(os.path.join(wd, "final_metrics.json")))
+  assert ev["nll"] == pytest.approx(final["eval_nll"], rel=1e-4)   # fixed eval key
+  out = json.loads(_run([cfg, f"--workdir={wd}", "--mode=sample", "--sample_steps=8"]).stdout)
+  assert out["num_steps"] == 8 and out["nfe"] <= 9
+
+
+def test_resume_continues_from_checkpoint(trained):
+  wd, cfg, _ = trained
+  proc = _run([cfg, f"--workdir={wd}", "--config.training.num_steps=40"])
+  assert "40/40" in proc.stderr
+  steps = [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert 40 in steps and steps.count(10) == 1   # steps 1..30 were not retrained
+
+
+def test_incompatible_checkpoint_names_the_fields(trained):
+  wd, cfg, _ = trained
+  proc = _run([cfg, f"--workdir={wd}", "--mode=eval", "--config.model.d_model=128"],
+              expect_ok=False)
+  assert proc.returncode == 2 and "model.d_model" in proc.stderr and "checkpoint=64" in proc.stderr
+
+
+def test_clear_errors(tmp_path):
+  cfg = "--config=configs/shakespeare_prime.py:tiny"
+  p = _run([cfg, f"--workdir={tmp_path}/a", "--config.prime.loss=bogus"], expect_ok=False)
+  assert p.returncode == 2 and "prime.loss" in p.stderr and "marginal" in p.stderr
+  p = _run([cfg, f"--workdir={tmp_path}/b", "--config.model.no_such_key=1"], expect_ok=False)
+  assert p.returncode != 0 and "no_such_key" in p.stderr
+  p = _run([cfg, f"--workdir={tmp_path}/c", "--mode=eval"], expect_ok=False)
+  assert p.returncode == 2 and "No checkpoint" in p.stderr
+  p = _run([cfg, f"--workdir={tmp_path}/d", "--config.data.dataset=text_files",
+            f"--config.data.path={tmp_path}/nothing*.txt"], expect_ok=False)
+  assert p.returncode == 2 and "nothing" in p.stderr

@@ -1,0 +1,94 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.base import get_base_config
+from mdm_jax.models import build_model
+from mdm_jax.models.dit import DiTConfig, SubTokenEmbed
+
+
+def _cfg(**kw):
+  c = get_base_config().model
+  c.num_layers, c.d_model, c.num_heads, c.cond_dim = 2, 48, 2, 16
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("ell,d", [(2, 48), (3, 48), (5, 52)])
+def test_subtoken_embedding_locality(ell, d):
+  cfg = DiTConfig(vocab_size=60, ell=ell, base=8, d_model=d, num_heads=2)
+  emb = SubTokenEmbed(cfg)
+  digits = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, 5, ell)))
+  params = nn.unbox(emb.init(jax.random.key(0), digits))
+  base = emb.apply(params, digits)
+  assert base.shape == (2, 5, d)
+  w = d // ell
+  changed = digits.at[1, 3, ell - 1].set((digits[1, 3, ell - 1] + 1) % 9)
+  diff = np.abs(np.asarray(emb.apply(params, changed) - base)) > 0
+  assert diff[1, 3, (ell - 1) * w: ell * w].all()
+  diff[1, 3, (ell - 1) * w: ell * w] = False
+  assert not diff.any()          # only that slot of that token changed
+  # Every slot shares one table of b+1 rows (the mask row included).
+  assert params["params"]["table"].shape == (9, w)
+
+
+def test_causal_vs_bidirectional_and_shapes():
+  for causal in (False, True):
+    m = build_model(_cfg(), vocab_size=30, ell=1, base=30, causal=causal)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 12, 1)))
+    v = nn.unbox(m.init(jax.random.key(0), x, jnp.ones(2)))
+    v = jax.tree.map(lambda p: p + 0.1, v)   # leave the zero init
+    y = m.apply(v, x, jnp.ones(2))
+    assert y.shape == (2, 12, 30)
+    x2 = x.at[:, -1].set((x[:, -1] + 1) % 31)
+    y2 = m.apply(v, x2, jnp.ones(2))
+    early_changed = np.abs(np.asarray(y2[:, :-1] - y[:, :-1])).max() > 1e-6
+    assert early_changed != causal
+
+
+def test_time_conditioning_switch():
+  x = jnp.zeros((2, 8, 2), jnp.int32)
+  for tc in (False, True):
+    m = build_model(_cfg(time_conditioning=tc), vocab_size=20, ell=2, base=5)
+    v = jax.tree.map(lambda p: p + 0.1, nn.unbox(m.init(jax.random.key(0), x, jnp.ones(2))))
+    a, b = m.apply(v, x, jnp.full(2, 0.1)), m.apply(v, x, jnp.full(2, 0.9))
+    assert (np.abs(np.asarray(a - b)).max() > 1e-6) == tc
+
+
+def test_bf16_compute_keeps_f32_params_and_matches_roughly():
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 6, (2, 16, 2)))
+  m32 = build_model(_cfg(), vocab_size=20, ell=2, base=5)
+  m16 = build_model(_cfg(dtype="bfloat16"), vocab_size=20, ell=2, base=5)
+  v = jax.tree.map(lambda p: p + 0.05, nn.unbox(m32.init(jax.random.key(0), x, jnp.ones(2))))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
+  a = m32.apply(v, x, jnp.ones(2))
+  b = m16.apply(v, x, jnp.ones(2)).astype(jnp.float32)
+  assert np.abs(np.asarray(a - b)).max() < 0.1 * np.abs(np.asarray(a)).max() + 0.05
+
+
+def test_scan_and_loop_layers_agree_and_tied_head():
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 21, (2, 8, 1)))
+  ms = build_model(_cfg(scan_layers=True), vocab_size=20, ell=1, base=20)
+  ml = build_model(_cfg(scan_layers=False), vocab_size=20, ell=1, base=20)
+  vs = nn.unbox(ms.init(jax.random.key(0), x, jnp.ones(2)))
+  vl = nn.unbox(ml.init(jax.random.key(0), x, jnp.ones(2)))
+  assert sum(p.size for p in jax.tree.leaves(vs)) == sum(p.size for p in jax.tree.leaves(vl))
+  mt = build_model(_cfg(tie_embeddings=True), vocab_size=20, ell=1, base=20)
+  vt = nn.unbox(mt.init(jax.random.key(0), x, jnp.ones(2)))
+  assert "head" not in vt["params"]
+  with pytest.raises(ValueError, match="tie_embeddings"):
+    build_model(_cfg(tie_embeddings=True), vocab_size=20, ell=2, base=5)
+
+
+def test_logical_axis_names_on_params():
+  m = build_model(_cfg(), vocab_size=20, ell=2, base=5)
+  v = m.init(jax.random.key(0), jnp.zeros((2, 8, 2), jnp.int32), jnp.ones(2))
+  specs = nn.get_partition_spec(v)["params"]
+  assert specs["blocks"]["mlp_in"] == jax.sharding.PartitionSpec(
+      "layers", "embed", "mlp")
+  assert specs["head"] == jax.sharding.PartitionSpec("embed", "vocab")
+  assert specs["embed"]["table"] == jax.sharding.PartitionSpec("vocab", "embed")
