@@ -455,3 +455,66 @@ def test_default_threefry_keys_and_static_argnames_jit():
   np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(res2.tokens))
   tok = np.asarray(res.tokens)
   assert tok.min() >= 0 and tok.max() < 9
+
+
+# ----------------------------------------------------------------------------- confidence
+def _random_apply(vocab, seed=0):
+  table = jax.random.normal(jax.random.key(seed), (vocab,)) * 2.0
+
+  def apply_fn(params, digits, t, *, train=False, rng=None):
+    del params, t, train
+    b, l, _ = digits.shape
+    noise = jax.random.normal(rng, (b, l, vocab)) if rng is not None else 0.0
+    return jnp.broadcast_to(table, (b, l, vocab)) + noise
+  return apply_fn
+
+
+@pytest.mark.parametrize("ell,conf", [(1, "prob"), (3, "margin"), (2, "neg_entropy")])
+def test_confidence_sampler_valid_and_keeps_prompt(ell, conf):
+  from mdm_jax.sampling import confidence_sample
+  from mdm_jax.schedules import get_schedule
+  import ml_collections
+  vocab, length = 20, 12
+  codec = PrimeCodec.create(vocab, ell)
+  sched = get_schedule(ml_collections.ConfigDict({"name": "linear"}))
+  prompt = jnp.full((length,), -1, jnp.int32).at[0].set(5).at[7].set(11)
+  fn = jax.jit(lambda k: confidence_sample(
+      _random_apply(vocab), None, k, codec=codec, schedule=sched, batch_size=16,
+      seq_len=length, num_steps=5, prompt=prompt, confidence=conf))
+  res = fn(jax.random.key(0))
+  tok = np.asarray(res.tokens)
+  assert tok.min() >= 0 and tok.max() < vocab                 # no mask, no invalid id
+  assert np.all(tok[:, 0] == 5) and np.all(tok[:, 7] == 11)   # prompt fixed
+  assert int(res.nfe) == 5                                     # one call per step
+
+
+def test_confidence_sampler_reveals_most_confident_first():
+  """With one step revealing half the tokens, the revealed ones are the confident ones."""
+  from mdm_jax.sampling import confidence_sample
+  from mdm_jax.schedules import get_schedule
+  import ml_collections
+  vocab, length = 10, 8
+  codec = PrimeCodec.create(vocab, 1)
+  sched = get_schedule(ml_collections.ConfigDict({"name": "linear"}))
+  # Positions 0..3 are near-deterministic (token 3), positions 4..7 uniform.
+  sharp = jnp.where(jnp.arange(vocab) == 3, 20.0, 0.0)
+
+  sharp7 = jnp.where(jnp.arange(vocab) == 7, 20.0, 0.0)
+
+  def apply_fn(params, digits, t, *, train=False, rng=None):
+    b = digits.shape[0]
+    # Positions 4..7 become sure of token 7 only once positions 0..3 are revealed.
+    first_done = jnp.all(digits[:, :4, 0] != codec.mask_id, axis=1)        # [B]
+    late = jnp.where(first_done[:, None], sharp7[None], 0.0)               # [B, V]
+    rows = jnp.where((jnp.arange(length) < 4)[None, :, None], sharp[None, None],
+                     late[:, None, :])
+    return jnp.broadcast_to(rows, (b, length, vocab))
+
+  def probe(k):
+    # Two steps: after the first, round(8 * (1 - alpha(0.5))) = 4 tokens stay masked.
+    return confidence_sample(apply_fn, None, k, codec=codec, schedule=sched, batch_size=4,
+                             seq_len=length, num_steps=2, eps=0.0)
+  res = jax.jit(probe)(jax.random.key(1))
+  tok = np.asarray(res.tokens)
+  assert np.all(tok[:, :4] == 3)
+  assert np.all(tok[:, 4:] == 7)      # step 1 revealed exactly the four confident positions

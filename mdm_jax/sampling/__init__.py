@@ -21,9 +21,11 @@ from mdm_jax.sampling.ancestral import (  # noqa: E402
     SampleResult, ancestral_sample, expected_idle_fraction, expected_nfe, initial_digits,
     time_grid)
 from mdm_jax.sampling.autoregressive import ar_sample  # noqa: E402
+from mdm_jax.sampling.confidence import confidence_sample  # noqa: E402
 
 SAMPLERS.register("ancestral")(ancestral_sample)
 SAMPLERS.register("ar")(ar_sample)
+SAMPLERS.register("confidence")(confidence_sample)
 
 
 def get_sampler(name: str):
@@ -33,6 +35,7 @@ def get_sampler(name: str):
 
 __all__ = [
     "SAMPLERS", "get_sampler", "SampleResult", "ancestral_sample", "ar_sample",
+    "confidence_sample",
     "expected_idle_fraction", "expected_nfe", "initial_digits", "time_grid",
     "apply_filters", "apply_temperature", "top_k_filter", "top_p_filter",
     "sample_categorical", "NEG_INF",
