@@ -16,6 +16,7 @@ import numpy as np
 from mdm_jax import sampling
 
 _JIT_CACHE: Dict[tuple, Any] = {}
+_COMPILED: Dict[Any, Any] = {}     # jitted sampler -> its compiled executable
 
 
 def _sampler_fn(task, config, sampler: str, num_samples: int, seq_len: int, num_steps: int,
@@ -75,7 +76,9 @@ def generate(task, params, config, *, seed: Optional[int] = None, num_samples: O
   ctx = jax.set_mesh(mesh) if mesh is not None else _Null()
   with ctx:
     t0 = time.time()
-    compiled = fn.lower(params, rng).compile()
+    compiled = _COMPILED.get(fn)
+    if compiled is None:   # lower().compile() bypasses jit's cache: keep the executable
+      compiled = _COMPILED[fn] = fn.lower(params, rng).compile()
     compile_s = time.time() - t0
     t0 = time.time()
     res = jax.block_until_ready(compiled(params, rng))

@@ -38,6 +38,10 @@ from mdm_jax.models import build_model
 from mdm_jax.schedules import Schedule, get_schedule
 
 
+# optax >= 0.2.6 has optax.tree.norm; older releases only optax.global_norm.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array          # int32 scalar
@@ -176,8 +180,7 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
     # summation order; dropout (if any) uses a per-microbatch key.
     def micro(carry, xs):
       g_acc, l_acc = carry
-      i, tok, t, rows = xs
-      del i
+      tok, t, rows = xs
       (l, metrics), g = grad_fn(state.params, tok, k_loss, t, rows)
       g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       return (g_acc, l_acc + l), metrics
@@ -185,7 +188,7 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     (grads, total), metrics = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)),
-        (jnp.arange(n_micro), tok_mb, t_mb, rows_mb))
+        (tok_mb, t_mb, rows_mb))
     norm = 1.0 / (bsz * length)                      # -> nats per token
     grads = jax.tree.map(lambda g: g * norm, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -195,7 +198,7 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
                          state.ema_params, params)
     else:
       ema = params
-    out = {"loss": total * norm, "grad_norm": (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(grads))}
+    out = {"loss": total * norm, "grad_norm": _tree_norm(grads)}
     out.update(jax.tree.map(jnp.mean, metrics))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new, out
