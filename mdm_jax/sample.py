@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -18,16 +19,36 @@ from mdm_jax import sampling
 _JIT_CACHE: Dict[tuple, Any] = {}
 _COMPILED: Dict[Any, Any] = {}     # jitted sampler -> its compiled executable
 
+# config.sampling keys that are sampler options: each is passed, under its own
+# name, to the samplers whose signature has a parameter of that name.
+SAMPLER_OPTIONS = (
+    "confidence", "punt_eps", "punt_max_candidates", "punt_divergence", "punt_confidence",
+    "punt_mode", "eb_gamma", "fast_dllm_threshold", "maskgit_select_temp",
+    "correction_phases", "correction_caps", "correction_score", "correction_probe_frac",
+    "remdm_schedule", "remdm_eta", "remdm_t_on", "remdm_t_off", "remdm_alpha_on")
+
+
+def sampler_options(fn, sampling_config) -> Dict[str, Any]:
+  """The SAMPLER_OPTIONS that ``fn`` accepts, read from config.sampling (hashable values)."""
+  accepted = inspect.signature(fn).parameters
+  out = {}
+  for name in SAMPLER_OPTIONS:
+    if name in accepted and name in sampling_config:
+      val = sampling_config[name]
+      out[name] = tuple(val) if isinstance(val, (list, tuple)) else val
+  return out
+
 
 def _sampler_fn(task, config, sampler: str, num_samples: int, seq_len: int, num_steps: int,
                 rules):
   """A jitted (params, key) -> SampleResult closure for this task and settings."""
   sc = config.sampling
+  fn = sampling.get_sampler(sampler)
+  options = sampler_options(fn, sc)
   key = (id(task), sampler, num_samples, seq_len, num_steps, float(sc.temperature),
-         int(sc.top_k), float(sc.top_p), rules)
+         int(sc.top_k), float(sc.top_p), rules, tuple(sorted(options.items())))
   if key in _JIT_CACHE:
     return _JIT_CACHE[key]
-  fn = sampling.get_sampler(sampler)
   if task.objective == "ar":
     if sampler != "ar":
       raise ValueError(f"objective='ar' models sample with sampler 'ar', not {sampler!r}: "
@@ -43,6 +64,7 @@ def _sampler_fn(task, config, sampler: str, num_samples: int, seq_len: int, num_
                   carry_over=bool(config.prime.carry_over),
                   time_conditioning=task.time_conditioning)
   kwargs.update(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
+  kwargs.update(options)
 
   def run(params, rng):
     with nn.logical_axis_rules(rules or ()):
@@ -83,6 +105,7 @@ def generate(task, params, config, *, seed: Optional[int] = None, num_samples: O
     t0 = time.time()
     res = jax.block_until_ready(compiled(params, rng))
     wall = time.time() - t0
+  res = jax.tree.map(_to_host_readable, res)
   tokens = np.asarray(res.tokens)
   stats = {"sampler": sampler, "num_samples": n, "seq_len": seq_len, "num_steps": steps,
            "nfe": int(res.nfe), "wall_time_s": wall, "compile_time_s": compile_s,
@@ -91,7 +114,17 @@ def generate(task, params, config, *, seed: Optional[int] = None, num_samples: O
   if hasattr(res, "idle_steps") and sampler != "ar":
     stats["idle_steps"] = int(res.idle_steps)
     stats["idle_fraction"] = int(res.idle_steps) / max(steps, 1)
+  for name, val in (getattr(res, "aux", None) or {}).items():   # e.g. steps, remasked
+    stats[name] = np.asarray(val).item()
   return res, stats
+
+
+def _to_host_readable(x):
+  """Gathers an array sharded over several processes (a collective: every process calls it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(x, tiled=True)
+  return x
 
 
 class _Null:
@@ -106,6 +139,16 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
                      rules=None, write: bool = True) -> Dict[str, Any]:
   """Generates ``sampling.num_samples`` texts, writes samples/step_N.{txt,json}."""
   res, stats = generate(task, params, config, mesh=mesh, rules=rules)
+  if getattr(tokenizer, "is_image", False):   # images: a PNG grid (mdm_jax/data/images.py)
+    if write:
+      out = os.path.join(workdir, "samples")
+      os.makedirs(out, exist_ok=True)
+      stats.update(tokenizer.write_samples(np.asarray(res.tokens), out, step))
+      with open(os.path.join(out, f"step_{step}.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+      print(f"----- {stats['num_samples']} images at step {step} -> {stats['grid_png']}",
+            file=sys.stderr, flush=True)
+    return {"texts": [], **stats}
   texts = [tokenizer.decode(np.asarray(row)) for row in np.asarray(res.tokens)]
   if write:
     out = os.path.join(workdir, "samples")

@@ -137,3 +137,8 @@ def geometric(config=None) -> Schedule:
 def get_schedule(config) -> Schedule:
   """Builds the schedule named by ``config.name`` (a ``config.schedule`` block)."""
   return SCHEDULES.get(config.name)(config)
+
+
+# Per-position (multivariate) schedules register themselves here too
+# ("learned_poly", "left_to_right"); see mdm_jax/multivariate.py.
+from mdm_jax import multivariate as _multivariate  # noqa: E402,F401  pylint: disable=wrong-import-position

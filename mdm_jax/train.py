@@ -32,6 +32,7 @@ from mdm_jax import checkpoint as ckpt_lib
 from mdm_jax import config_utils
 from mdm_jax import losses
 from mdm_jax import metrics_writer
+from mdm_jax import multivariate
 from mdm_jax import prime as prime_lib
 from mdm_jax import sharding as shd
 from mdm_jax.models import build_model
@@ -77,6 +78,10 @@ class Task:
         key = jax.random.fold_in(key, row_ids[0])
       return losses.ar_loss(self.apply_fn, params, tokens, key, bos_id=self.codec.mask_id,
                             train=train)
+    if multivariate.is_multivariate(self.schedule):   # per-position (learned-order) schedule
+      return multivariate.diffusion_loss(
+          self.apply_fn, params, tokens, key, codec=self.codec, schedule=self.schedule,
+          cfg=self.loss_cfg, train=train, t=t, row_ids=row_ids)
     return losses.diffusion_loss(self.apply_fn, params, tokens, key, codec=self.codec,
                                  schedule=self.schedule, cfg=self.loss_cfg, train=train, t=t,
                                  row_ids=row_ids)
@@ -86,6 +91,10 @@ class Task:
     if self.objective == "ar":
       return losses.ar_loss(self.apply_fn, params, tokens, key, bos_id=self.codec.mask_id,
                             train=False)[0]
+    if multivariate.is_multivariate(self.schedule):
+      return multivariate.diffusion_bound(
+          self.apply_fn, params, tokens, key, codec=self.codec, schedule=self.schedule,
+          cfg=self.loss_cfg, num_time_samples=num_time_samples)
     return losses.diffusion_bound(self.apply_fn, params, tokens, key, codec=self.codec,
                                   schedule=self.schedule, cfg=self.loss_cfg,
                                   num_time_samples=num_time_samples)
@@ -99,8 +108,12 @@ def build_task(config, vocab_size: int) -> Task:
                       causal=ar)
   loss_cfg = losses.DiffusionLossConfig(
       form=config.prime.loss, carry_over=bool(config.prime.carry_over),
-      t_min=float(config.training.t_min), antithetic=bool(config.training.antithetic))
-  return Task(objective=config.objective, codec=codec, schedule=get_schedule(config.schedule),
+      t_min=float(config.training.t_min), antithetic=bool(config.training.antithetic),
+      weighting=str(config.training.get("loss_weighting", "elbo")))
+  schedule = get_schedule(config.schedule)
+  if multivariate.is_multivariate(schedule):   # learned schedule parameters join the model's
+    model = multivariate.attach(model, schedule)
+  return Task(objective=config.objective, codec=codec, schedule=schedule,
               loss_cfg=loss_cfg, model=model, seq_len=int(config.data.seq_len),
               time_conditioning=bool(config.model.time_conditioning))
 
@@ -244,6 +257,8 @@ def evaluate(eval_step, params, batches, mesh, seed: int) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------ loop
+BEST_DIR = "checkpoints_best"
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the configured model; returns the final metrics."""
   from mdm_jax.data import make_text_data   # pylint: disable=import-outside-toplevel
@@ -271,6 +286,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                max_to_keep=int(config.checkpoint.max_to_keep),
                                async_save=bool(config.checkpoint.async_save))
+  best_ckpt = None
+  if int(config.checkpoint.keep_best):
+    best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
+                                      max_to_keep=int(config.checkpoint.keep_best),
+                                      async_save=bool(config.checkpoint.async_save),
+                                      best_metric="eval_nll")
   if ckpt.latest_step() is not None:
     ckpt.check_compatible(cfg_dict)
     abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
@@ -322,6 +343,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()})
         progress.message(f"eval @ {done}: nll {last_eval['nll']:.4f} nats/token, "
                          f"perplexity bound {last_eval['ppl_bound']:.3f}")
+        if is_main and multivariate.is_multivariate(task.schedule):   # learned-order picture
+          multivariate.write_order(task.schedule, eval_params(state), task.seq_len, workdir, done)
+        if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
+          best_ckpt.save(done, state, None, cfg_dict, force=True,
+                         metrics={"eval_nll": float(last_eval["nll"])})
       if (config.checkpoint.every_steps and done % int(config.checkpoint.every_steps) == 0) \
           or done == num_steps:
         ckpt.save(done, state, train_iter, cfg_dict, force=done == num_steps)
@@ -329,6 +355,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
           and done != num_steps:
         do_sample(state, done)
   ckpt.close()
+  if best_ckpt is not None:
+    best_ckpt.close()
   if start < num_steps or not last_eval:
     if not last_eval:
       last_eval = evaluate(eval_step, eval_params(state), eval_batches, mesh, int(config.eval.seed))
@@ -345,24 +373,34 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------ inference entry points
 def restore_for_inference(config, workdir: str):
-  """(task, state, mesh, rules, data) from the latest checkpoint in workdir."""
+  """(task, state, mesh, rules, data) from a checkpoint in workdir.
+
+  ``config.checkpoint.restore`` picks the latest step or the best one by eval
+  bound (kept under ``checkpoints_best/`` when ``checkpoint.keep_best > 0``).
+  """
   from mdm_jax.data import make_text_data  # pylint: disable=import-outside-toplevel
   config_utils.validate_config(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
-                               async_save=False)
-  if ckpt.latest_step() is None:
+  which = config.checkpoint.restore
+  sub = BEST_DIR if which == "best" else "checkpoints"
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, sub), read_only=True, async_save=False,
+                               best_metric="eval_nll" if which == "best" else None)
+  step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+  if step is None:
+    hint = (" Best-by-eval checkpoints are written when checkpoint.keep_best > 0 and an eval "
+            "runs; use --config.checkpoint.restore=latest." if which == "best" else "")
     raise ckpt_lib.CheckpointError(
-        f"No checkpoint found under {os.path.join(workdir, 'checkpoints')}. Train first with "
-        f"--mode=train --workdir={workdir}.")
-  ckpt.check_compatible(config_utils.to_dict(config))
+        f"No checkpoint found under {os.path.join(workdir, sub)}. Train first with "
+        f"--mode=train --workdir={workdir}.{hint}")
+  ckpt.check_compatible(config_utils.to_dict(config), step)
   data = make_text_data(config.data, workdir)
   task = build_task(config, data.tokenizer.vocab_size)
   mesh = shd.make_mesh(config.mesh)
   rules = shd.logical_rules(config.mesh)
   tx, _ = make_optimizer(config.training)
   abstract, shardings = state_shardings(task, tx, mesh, rules)
-  state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+  state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=step)
   ckpt.close()
+  logging.info("Restored %s checkpoint step %d from %s.", which, step, ckpt.directory)
   return task, state, mesh, rules, data, shardings
 
 

@@ -66,3 +66,23 @@ def test_missing_partial_and_mismatched_checkpoints(tmp_path):
     p.unlink()
   with pytest.raises(ckpt_lib.CheckpointError, match="step 5"):
     ck.restore(abstract)
+
+
+def test_best_by_eval_keeps_the_lowest_and_restores_it(tmp_path):
+  _, task, tx, mesh, rules, state, sh = _state_on((1, 1, 1))
+  abstract = ckpt_lib.abstract_with_shardings(train.state_shardings(task, tx, mesh, rules)[0], sh)
+  best = ckpt_lib.Checkpointer(str(tmp_path / "best"), async_save=False, max_to_keep=2,
+                               best_metric="eval_nll")
+  # Not monotone, so "best" differs from "latest": keep steps 20 (1.0) and 40 (1.5).
+  for step, nll in [(10, 3.0), (20, 1.0), (30, 2.5), (40, 1.5), (50, 4.0)]:
+    marked = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    best.save(step, marked, metrics={"eval_nll": nll}, force=True)
+  best.close()
+  best = ckpt_lib.Checkpointer(str(tmp_path / "best"), async_save=False, max_to_keep=2,
+                               best_metric="eval_nll", read_only=True)
+  assert sorted(best.all_steps()) == [20, 40]
+  assert best.best_step() == 20 and best.latest_step() == 40
+  assert int(best.restore(abstract, step=best.best_step()).step) == 20
+  plain = ckpt_lib.Checkpointer(str(tmp_path / "best"), async_save=False, read_only=True)
+  with pytest.raises(ValueError, match="best_metric"):
+    plain.best_step()

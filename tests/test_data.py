@@ -239,16 +239,21 @@ def test_train_iterator_resume():
   assert all(np.array_equal(a, b) for a, b in zip(expected, _take(fresh, 6)))
 
 
-def test_train_dataset_per_host_disjoint():
+def test_train_dataset_process_slices():
+  """Process p of P gets the p-th contiguous slice of each global batch of one shared order."""
   data = _row_data(num_train=20)
-  seen = []
-  for p in range(2):
-    it = iter(data.train_dataset(8, seed=0, process_index=p, process_count=2))
-    rows = np.concatenate(_take(it, 5))[:, 0]   # 5 local batches of 4 = 2 epochs of 10 rows
-    assert next(it)["tokens"].shape == (4, 4)
-    assert sorted(rows[:10]) == sorted(rows[10:])
-    seen.append(set(rows.tolist()))
-  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))
+  single = _take(iter(data.train_dataset(8, seed=0)), 6)   # 48 rows: spans 2 epoch boundaries
+  for count in (2, 4):
+    per_process = [_take(iter(data.train_dataset(8, seed=0, process_index=p,
+                                                 process_count=count)), 6)
+                   for p in range(count)]
+    for g in range(6):
+      parts = [per_process[p][g] for p in range(count)]
+      assert all(part.shape == (8 // count, 4) for part in parts)
+      np.testing.assert_array_equal(np.concatenate(parts), single[g])
+  # Within one epoch (20 rows), the processes' rows are disjoint and cover every row once.
+  rows = np.concatenate(single)[:, 0]
+  assert sorted(rows[:20]) == list(range(20)) and sorted(rows[20:40]) == list(range(20))
 
 
 def test_train_dataset_errors():

@@ -230,3 +230,34 @@ def test_ar_loss_exact_and_causal():
     manual += np.asarray(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(
         lg, tokens[:, i:i + 1], -1)[:, 0])
   np.testing.assert_allclose(np.asarray(loss), manual, rtol=1e-4)
+
+
+def test_flat_weighting_is_mean_masked_ce_and_never_reaches_the_bound():
+  vocab, length, ell = 16, 12, 2
+  codec = prime.PrimeCodec.create(vocab, ell)
+  model, apply_fn = _tiny_model(vocab, ell, codec.base)
+  params = _init(model, length, ell)
+  tokens = jax.random.randint(jax.random.key(3), (6, length), 0, vocab)
+  t = jnp.linspace(0.05, 0.95, 6)
+  key = jax.random.key(4)
+  elbo = losses.DiffusionLossConfig(t_min=1e-3)
+  flat = losses.DiffusionLossConfig(t_min=1e-3, weighting="flat")
+  # Same key and times: same mask, so the per-token NLLs agree and only the weights differ.
+  le = losses.diffusion_loss(apply_fn, params, tokens, key, codec=codec, schedule=LIN, cfg=elbo,
+                             train=False, t=t)[0]
+  lf = losses.diffusion_loss(apply_fn, params, tokens, key, codec=codec, schedule=LIN, cfg=flat,
+                             train=False, t=t)[0]
+  recon = losses.reconstruction_bound(LIN, 1e-3, length, codec)
+  nll_sum = (le - recon) / (LIN.weight(t) * (1 - 1e-3))
+  noisy = prime.mask_digits(jax.random.split(key, 3)[1], codec.encode(tokens), LIN.mask_prob(t),
+                            codec.mask_id)
+  n = jnp.sum(jnp.any(noisy == codec.mask_id, -1), -1)
+  np.testing.assert_allclose(np.asarray(lf), np.asarray(nll_sum * length / jnp.maximum(n, 1)),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(lf), np.asarray(le))
+  # The evaluation bound ignores the training weighting.
+  be = losses.diffusion_bound(apply_fn, params, tokens, key, codec=codec, schedule=LIN, cfg=elbo)
+  bf = losses.diffusion_bound(apply_fn, params, tokens, key, codec=codec, schedule=LIN, cfg=flat)
+  np.testing.assert_array_equal(np.asarray(be), np.asarray(bf))
+  with pytest.raises(ValueError, match="loss_weighting"):
+    losses.DiffusionLossConfig(weighting="uniform")

@@ -24,7 +24,7 @@ def _run(args, expect_ok=True, timeout=600):
 def trained(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("prime_tiny"))
   cfg = "--config=configs/shakespeare_prime.py:tiny"
-  proc = _run([cfg, f"--workdir={wd}"])
+  proc = _run([cfg, f"--workdir={wd}", "--config.eval.every_steps=10"])
   return wd, cfg, proc
 
 
@@ -57,13 +57,23 @@ def test_eval_and_sample_modes(trained):
   assert ev["nll"] == pytest.approx(final["eval_nll"], rel=1e-4)   # fixed eval key
   out = json.loads(_run([cfg, f"--workdir={wd}", "--mode=sample", "--sample_steps=8"]).stdout)
   assert out["num_steps"] == 8 and out["nfe"] <= 9
+  # Best-by-eval checkpoint: the step whose eval bound was lowest (evals at 10, 20, 30).
+  evals = {r["step"]: r["eval/nll"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
+           if "eval/nll" in r}
+  assert sorted(evals) == [10, 20, 30]
+  best_step = min(evals, key=evals.get)
+  assert os.listdir(os.path.join(wd, "checkpoints_best")) == [str(best_step)]
+  ev = json.loads(_run([cfg, f"--workdir={wd}", "--mode=eval",
+                        "--config.checkpoint.restore=best"]).stdout)
+  assert ev["step"] == best_step and ev["nll"] == pytest.approx(evals[best_step], rel=1e-4)
 
 
 def test_resume_continues_from_checkpoint(trained):
   wd, cfg, _ = trained
   proc = _run([cfg, f"--workdir={wd}", "--config.training.num_steps=40"])
   assert "40/40" in proc.stderr
-  steps = [json.loads(l)["step"] for l in open(os.path.join(wd, "metrics.jsonl"))]
+  steps = [r["step"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
+           if "train/loss" in r]
   assert 40 in steps and steps.count(10) == 1   # steps 1..30 were not retrained
 
 

@@ -75,3 +75,6 @@ def test_sigkill_and_resume_is_exact(tmp_path):
       np.testing.assert_allclose(v, ref[step][0], rtol=1e-6, err_msg=f"step {step}")
   print(f"killed after step {killed_at}; re-run steps {steps_rerun[:3]}...; "
         "losses identical at every step")
+  print("step | uninterrupted | killed run (each attempt)")
+  for step in sorted(ref):
+    print(f"{step:4d} | {ref[step][0]:.7f} | " + ", ".join(f"{v:.7f}" for v in got[step]))

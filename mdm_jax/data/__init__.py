@@ -1,10 +1,15 @@
-"""Text data for mdm_jax: offline corpora, tokenizers and the Grain input pipeline."""
+"""Text data for mdm_jax: offline corpora, tokenizers, ArrayRecord shards and Grain pipelines."""
 
+from mdm_jax.data.array_record import ArrayRecordData
+from mdm_jax.data.array_record import load_array_record_data
+from mdm_jax.data.array_record import prepare
 from mdm_jax.data.corpora import CORPORA
 from mdm_jax.data.corpora import load_corpus
 from mdm_jax.data.corpora import shakespeare_text
 from mdm_jax.data.corpora import text_files
 from mdm_jax.data.text import make_text_data
+from mdm_jax.data.text import process_eval_batches
+from mdm_jax.data.text import process_train_batches
 from mdm_jax.data.text import split_and_pack
 from mdm_jax.data.text import TextData
 from mdm_jax.data.text import tokenize_corpus
@@ -18,7 +23,9 @@ from mdm_jax.data.tokenizers import Tokenizer
 from mdm_jax.data.tokenizers import TOKENIZERS
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA", "GPT2Tokenizer", "TextData",
-    "Tokenizer", "TOKENIZERS", "build_tokenizer", "load_corpus", "load_tokenizer",
-    "make_text_data", "shakespeare_text", "split_and_pack", "text_files", "tokenize_corpus",
+    "ArrayRecordData", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA",
+    "GPT2Tokenizer", "TextData", "Tokenizer", "TOKENIZERS", "build_tokenizer",
+    "load_array_record_data", "load_corpus", "load_tokenizer", "make_text_data", "prepare",
+    "process_eval_batches", "process_train_batches", "shakespeare_text", "split_and_pack",
+    "text_files", "tokenize_corpus",
 ]

@@ -4,7 +4,10 @@ The corpus is tokenised once into a single int32 stream (cached in the
 workdir), its tail is held out for evaluation, and both parts are packed into
 non-overlapping rows of ``seq_len`` tokens.  Training batches come from an
 infinite, per-epoch reshuffled Grain dataset whose iterator state is
-checkpointable; eval batches are a fixed, padded and weighted list.
+checkpointable; eval batches are a fixed, padded and weighted list.  How rows
+are ordered and split over processes (``process_train_batches``,
+``process_eval_batches``) is shared with the ArrayRecord pipeline
+(``mdm_jax.data.array_record``).
 """
 
 import dataclasses
@@ -12,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import grain
@@ -141,6 +144,117 @@ def _as_example(row: np.ndarray) -> Dict[str, np.ndarray]:
   return {"tokens": row}
 
 
+def _check_processes(batch_size: int, process_index: int, process_count: int,
+                     what: str) -> int:
+  """Validates the process layout; returns the per-process batch."""
+  if process_count < 1:
+    raise ValueError(f"process_count={process_count} must be >= 1.")
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"The {what} batch size {batch_size} must be a positive multiple of the "
+                     f"number of processes ({process_count}).")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  return batch_size // process_count
+
+
+def process_train_batches(source: Any, global_batch_size: int, seed: int, process_index: int = 0,
+                          process_count: int = 1, *, transform: Callable[[Any], Any],
+                          seq_len: int, read_threads: int = 2) -> grain.IterDataset:
+  """This process's share of an infinite, per-epoch reshuffled stream of global batches.
+
+  The ordering contract (shared by every data pipeline of mdm_jax):
+
+  * all rows of ``source`` are shuffled with ``seed`` (a new order each epoch,
+    derived from ``seed`` and the epoch number only) and the epochs are
+    concatenated into one infinite stream of rows;
+  * global batch ``g`` is rows ``[g * B, (g + 1) * B)`` of that stream, so a
+    batch may span an epoch boundary;
+  * process ``p`` of ``P`` receives exactly the contiguous slice
+    ``[g * B + p * B / P, g * B + (p + 1) * B / P)`` of it.
+
+  So the order does not depend on the number of processes, and the processes'
+  batches concatenated in process order equal the one-process batch row for
+  row. The returned dataset's iterator has ``get_state()`` / ``set_state()``.
+
+  Args:
+    source: random-access rows (``len`` and ``__getitem__``): a numpy array or
+      a grain data source.
+    global_batch_size: ``B``, rows per step over all processes.
+    seed: shuffle seed, in ``[0, 2**32)``.
+    process_index: ``p``.
+    process_count: ``P``.
+    transform: maps one row of ``source`` to one example (a dict of arrays).
+    seq_len: tokens per row (only used in error messages).
+    read_threads: grain read threads.
+
+  Returns:
+    A ``grain.IterDataset`` of batched examples with ``B / P`` rows each.
+
+  Raises:
+    ValueError: the batch does not divide over processes or exceeds the rows.
+  """
+  global_batch_size, process_count = int(global_batch_size), int(process_count)
+  process_index = int(process_index)
+  local_batch = _check_processes(global_batch_size, process_index, process_count, "global")
+  num_rows = len(source)
+  if global_batch_size > num_rows:
+    raise ValueError(
+        f"The global batch of {global_batch_size} sequences is larger than the {num_rows} "
+        f"training sequences of length {seq_len}. Use a smaller training.batch_size or "
+        "data.seq_len, or a larger corpus.")
+  ds = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat(None).map(transform)
+  # Local batch k holds stream rows [k * B/P, (k + 1) * B/P); global batch g is
+  # local batches g*P .. g*P + P - 1, so process p takes every P-th one from p.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
+                                              prefetch_buffer_size=4))
+
+
+def process_eval_batches(read_rows: Callable[[np.ndarray], np.ndarray], num_rows: int,
+                         seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
+                         process_count: int = 1) -> List[Dict[str, np.ndarray]]:
+  """A fixed, unshuffled list of this process's eval batches.
+
+  Global batch ``g`` holds eval rows ``[g * batch_size, (g + 1) * batch_size)``;
+  process ``p`` gets the ``p``-th contiguous slice of ``batch_size //
+  process_count`` rows. Rows past the end of the split are zeros with weight 0,
+  so every batch has the same shape and padding is excluded from metrics.
+
+  Args:
+    read_rows: sorted int64 row indices (all ``< num_rows``) -> int32
+      ``[len(indices), seq_len]`` rows.
+    num_rows: rows in the eval split.
+    seq_len: tokens per row.
+    batch_size: global eval batch size.
+    num_batches: number of batches; 0 (or more than available) = the whole split.
+    process_index: this process's index.
+    process_count: number of processes.
+
+  Returns:
+    A list of ``{"tokens": int32 [local, seq_len], "weights": float32 [local]}``;
+    every process gets the same number of batches.
+
+  Raises:
+    ValueError: empty eval split or a batch that does not divide over processes.
+  """
+  batch_size, process_count = int(batch_size), int(process_count)
+  if num_rows == 0:
+    raise ValueError("The eval split is empty: raise data.eval_fraction.")
+  local = _check_processes(batch_size, int(process_index), process_count, "eval")
+  available = -(-num_rows // batch_size)
+  n = available if num_batches <= 0 else min(int(num_batches), available)
+  batches = []
+  for g in range(n):
+    start = g * batch_size + int(process_index) * local
+    idx = np.arange(start, start + local)
+    real = idx < num_rows
+    tokens = np.zeros((local, seq_len), np.int32)
+    if real.any():
+      tokens[real] = read_rows(idx[real])
+    batches.append({"tokens": tokens, "weights": real.astype(np.float32)})
+  return batches
+
+
 @dataclasses.dataclass
 class TextData:
   """A tokenised corpus split into packed train and eval rows.
@@ -160,42 +274,28 @@ class TextData:
 
   def train_dataset(self, global_batch_size: int, seed: int, process_index: int = 0,
                     process_count: int = 1) -> grain.IterDataset:
-    """Infinite stream of this host's training batches, reshuffled every epoch.
+    """Infinite stream of this process's training batches, reshuffled every epoch.
 
-    Host ``process_index`` reads rows ``process_index::process_count``, so hosts
-    see disjoint rows. Batches are full (``drop_remainder``) and may span an
-    epoch boundary. ``iter(ds)`` has ``get_state()`` / ``set_state()`` for
-    exact resumption.
+    See ``process_train_batches``: global batch ``g`` is rows ``[g*B, (g+1)*B)``
+    of one seeded order over all rows, and process ``p`` of ``P`` gets its
+    ``p``-th contiguous slice, so the processes' batches concatenated equal the
+    one-process batch. ``iter(ds)`` has ``get_state()`` / ``set_state()``.
 
     Args:
-      global_batch_size: sequences per step over all hosts.
+      global_batch_size: sequences per step over all processes.
       seed: shuffle seed (each epoch uses a different order derived from it).
-      process_index: this host's index.
-      process_count: number of hosts.
+      process_index: this process's index.
+      process_count: number of processes.
 
     Returns:
       A ``grain.IterDataset`` of ``{"tokens": int32 [global_batch_size //
       process_count, seq_len]}``.
 
     Raises:
-      ValueError: the batch does not divide over hosts or exceeds the rows.
+      ValueError: the batch does not divide over processes or exceeds the rows.
     """
-    global_batch_size, process_count = int(global_batch_size), int(process_count)
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(f"The global batch size {global_batch_size} must be a positive multiple of "
-                       f"the number of processes ({process_count}).")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    local_batch = global_batch_size // process_count
-    ds = grain.MapDataset.source(self.train)[process_index::process_count]
-    if local_batch > len(ds):
-      raise ValueError(
-          f"The per-host batch of {local_batch} sequences is larger than the {len(ds)} training "
-          f"sequences of length {self.seq_len} on this host ({len(self.train)} in all). Use a "
-          "smaller training.batch_size or data.seq_len, or a larger corpus.")
-    ds = ds.shuffle(seed=int(seed)).repeat(None).map(_as_example)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    return process_train_batches(self.train, global_batch_size, seed, process_index,
+                                 process_count, transform=_as_example, seq_len=self.seq_len)
 
   def eval_batches(self, batch_size: int, num_batches: int, process_index: int = 0,
                    process_count: int = 1) -> List[Dict[str, np.ndarray]]:
@@ -220,36 +320,32 @@ class TextData:
     Raises:
       ValueError: empty eval split or a batch that does not divide over hosts.
     """
-    batch_size, process_count = int(batch_size), int(process_count)
-    num_rows = len(self.eval)
-    if num_rows == 0:
-      raise ValueError("The eval split is empty: raise data.eval_fraction.")
-    if batch_size <= 0 or batch_size % process_count:
-      raise ValueError(f"The eval batch size {batch_size} must be a positive multiple of the "
-                       f"number of processes ({process_count}).")
-    local = batch_size // process_count
-    available = -(-num_rows // batch_size)
-    n = available if num_batches <= 0 else min(int(num_batches), available)
-    batches = []
-    for g in range(n):
-      start = g * batch_size + process_index * local
-      idx = np.arange(start, start + local)
-      real = idx < num_rows
-      tokens = np.zeros((local, self.seq_len), np.int32)
-      tokens[real] = self.eval[idx[real]]
-      batches.append({"tokens": tokens, "weights": real.astype(np.float32)})
-    return batches
+    return process_eval_batches(lambda idx: self.eval[idx], len(self.eval), self.seq_len,
+                                batch_size, num_batches, process_index, process_count)
 
 
-def make_text_data(data_config, workdir: Optional[str] = None) -> TextData:
+def make_text_data(data_config, workdir: Optional[str] = None):
   """Corpus -> tokenizer -> token stream -> packed train/eval rows.
+
+  With ``data.dataset == "array_record"`` the rows are instead read from the
+  shards written by ``mdm_jax.data.array_record.prepare`` in ``data.path``
+  (an ``ArrayRecordData`` with the same interface; ``workdir`` is unused).
 
   Args:
     data_config: the ``config.data`` block (dataset, path, tokenizer,
       bpe_vocab_size, gpt2_bpe_path, seq_len, eval_fraction).
     workdir: where to cache the tokenizer and tokens (``workdir/tokenizer/``);
       None disables caching.
+
+  Returns:
+    A ``TextData`` (or an ``ArrayRecordData``).
   """
+  if str(data_config.dataset) == "array_record":
+    from mdm_jax.data import array_record  # pylint: disable=import-outside-toplevel
+    return array_record.load_array_record_data(data_config)
+  if str(data_config.dataset) in ("fashion_mnist", "image_folder", "tfds_images"):
+    from mdm_jax.data import images  # pylint: disable=import-outside-toplevel
+    return images.make_image_data(data_config, workdir)   # an ImageData, same interface
   text = corpora.load_corpus(data_config)
   tokens, tokenizer = _tokenize_text(data_config, text, workdir)
   train, evals = split_and_pack(tokens, int(data_config.seq_len), float(data_config.eval_fraction))

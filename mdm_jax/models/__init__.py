@@ -26,6 +26,16 @@ def _dit(model_config, vocab_size: int, ell: int, base: int, causal: bool):
       gate_init=float(model_config.get("gate_init", 0.0))))
 
 
+@MODELS.register("image_dit")
+def _image_dit(model_config, vocab_size: int, ell: int, base: int, causal: bool):
+  """DiT over p x p patches of pixel tokens (mdm_jax/models/image_dit.py)."""
+  from mdm_jax.models.image_dit import ImageDiT, ImageDiTConfig  # pylint: disable=import-outside-toplevel
+  dit = _dit(model_config, vocab_size, ell, base, causal).cfg
+  return ImageDiT(ImageDiTConfig(
+      dit=dit, image_shape=tuple(int(s) for s in model_config.image_shape),
+      patch_size=int(model_config.patch_size), pixel_dim=int(model_config.pixel_dim)))
+
+
 def build_model(model_config, *, vocab_size: int, ell: int, base: int, causal: bool = False):
   """Builds the backbone named by ``model_config.name``."""
   return MODELS.get(model_config.name)(model_config, vocab_size, ell, base, causal)

@@ -22,10 +22,21 @@ from mdm_jax.sampling.ancestral import (  # noqa: E402
     time_grid)
 from mdm_jax.sampling.autoregressive import ar_sample  # noqa: E402
 from mdm_jax.sampling.confidence import confidence_sample  # noqa: E402
+from mdm_jax.sampling.first_hitting import first_hitting_sample  # noqa: E402
+from mdm_jax.sampling.punt import eb_sample, fast_dllm_sample, punt_sample  # noqa: E402
+from mdm_jax.sampling.self_correction import (  # noqa: E402
+    maskgit_sample, remdm_sample, self_correct_sample)
 
 SAMPLERS.register("ancestral")(ancestral_sample)
 SAMPLERS.register("ar")(ar_sample)
 SAMPLERS.register("confidence")(confidence_sample)
+SAMPLERS.register("first_hitting")(first_hitting_sample)
+SAMPLERS.register("punt")(punt_sample)
+SAMPLERS.register("eb")(eb_sample)
+SAMPLERS.register("fast_dllm")(fast_dllm_sample)
+SAMPLERS.register("maskgit")(maskgit_sample)
+SAMPLERS.register("self_correct")(self_correct_sample)
+SAMPLERS.register("remdm")(remdm_sample)
 
 
 def get_sampler(name: str):
@@ -35,7 +46,8 @@ def get_sampler(name: str):
 
 __all__ = [
     "SAMPLERS", "get_sampler", "SampleResult", "ancestral_sample", "ar_sample",
-    "confidence_sample",
+    "confidence_sample", "first_hitting_sample", "punt_sample", "eb_sample",
+    "fast_dllm_sample", "maskgit_sample", "self_correct_sample", "remdm_sample",
     "expected_idle_fraction", "expected_nfe", "initial_digits", "time_grid",
     "apply_filters", "apply_temperature", "top_k_filter", "top_p_filter",
     "sample_categorical", "NEG_INF",

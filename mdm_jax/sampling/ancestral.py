@@ -41,7 +41,7 @@ token can end as an invalid code, which ``codec.decode`` maps to -1.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import flax.struct
 import jax
@@ -68,6 +68,8 @@ class SampleResult:
   trajectory: int32 [T+1, B, L, ell] or None; trajectory[0] is the initial
     state and trajectory[k] the digits after step k (before noise removal;
     the state after noise removal is ``digits``).
+  aux: None or a dict of extra int/float scalars a sampler reports (e.g.
+    "steps" of an adaptive sampler, "remasked" of a corrector).
   """
   tokens: Array
   digits: Array
@@ -75,6 +77,7 @@ class SampleResult:
   idle_steps: Array
   num_steps: int = flax.struct.field(pytree_node=False, default=0)
   trajectory: Optional[Array] = None
+  aux: Optional[Dict[str, Array]] = None
 
 
 def expected_idle_fraction(num_elements: int, num_steps: int) -> float:
@@ -167,6 +170,10 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
   force_call = bool(time_conditioning) or not use_cache
   ts = time_grid(num_steps, eps)
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
+  # A multivariate (per-position, e.g. learned-order) schedule: alpha_i(t) [L] from the params
+  # (mdm_jax/multivariate.py), so each position is revealed at its own rate.
+  position_alpha = (schedule.position_alpha_fn(params, seq_len)
+                    if getattr(schedule, "multivariate", False) else None)
 
   def log_probs(digits, t, rng):
     tt = jnp.full((batch_size,), t, jnp.float32)
@@ -190,7 +197,10 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
     nfe = nfe + need.astype(jnp.int32)
     x_hat = sample_categorical(k_tok, lp)                          # [B, L]
     y_hat = codec.encode(x_hat)                                    # [B, L, ell]
-    a_t, a_s = schedule.alpha(t), schedule.alpha(s)
+    if position_alpha is not None:
+      a_t, a_s = position_alpha(t)[None, :, None], position_alpha(s)[None, :, None]
+    else:
+      a_t, a_s = schedule.alpha(t), schedule.alpha(s)
     p_reveal = jnp.clip((a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-30), 0.0, 1.0)
     p_reveal = jnp.where(final, 1.0, p_reveal).astype(jnp.float32)
     u = jax.random.uniform(k_rev, digits.shape, jnp.float32)       # in [0, 1)

@@ -1,0 +1,110 @@
+"""Sampler comparison table for a trained checkpoint: NFE, idle steps, speed, entropy.
+
+  python -m mdm_jax.benchmarks.sampler_table --config=configs/shakespeare_prime.py \
+      --workdir=runs/prime_l2 [--samplers=ancestral,first_hitting,punt] [--steps=16,64,128] \
+      [--num_samples=8] [--output=FILE.json] [--config.sampling.punt_eps=0.1 ...]
+
+Restores the checkpoint exactly as ``--mode=sample`` does (latest, or
+``--config.checkpoint.restore=best``), then runs every sampler at every step
+count T through ``mdm_jax.sample.generate`` (same seed for all), prints a
+markdown table and writes the rows as JSON (default WORKDIR/sampler_table.json).
+
+Columns: T = sampling.num_steps (for first_hitting the event budget, for
+punt / eb / fast_dllm the step cap); NFE = network calls for the whole batch;
+idle = fraction of the T steps after which nothing changed (0 by construction
+for the samplers that reveal something at every step); tok/s = generated
+tokens per second of the compiled sampler (compile time excluded, reported
+separately in the JSON); entropy = mean per-sample unigram entropy (nats,
+algorithms.md §8.2).  Extra per-sampler numbers (adaptive "steps", corrector
+"remasked") are kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to the ml_collections config the checkpoint was trained with.",
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoint.")
+_SAMPLERS = flags.DEFINE_list("samplers", [], "Samplers to compare (default: every registered "
+                              "sampler for the model's objective).")
+_STEPS = flags.DEFINE_list("steps", ["16", "64", "128"], "Step counts T.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Sequences per run (default: "
+                                    "sampling.num_samples).")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON output (default WORKDIR/sampler_table.json).")
+
+COLUMNS = ("sampler", "T", "NFE", "idle_fraction", "tokens_per_s", "sample_entropy")
+
+
+def default_samplers(objective: str) -> List[str]:
+  from mdm_jax import sampling  # pylint: disable=import-outside-toplevel
+  if objective == "ar":
+    return ["ar"]
+  return [n for n in sampling.SAMPLERS.names() if n != "ar"]
+
+
+def run_table(config, workdir: str, samplers: Optional[Sequence[str]] = None,
+              steps: Sequence[int] = (16, 64, 128),
+              num_samples: Optional[int] = None) -> List[Dict[str, Any]]:
+  """One row per (sampler, T), from ``sample.generate`` on the restored checkpoint."""
+  from mdm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
+  from mdm_jax import train  # pylint: disable=import-outside-toplevel
+  task, state, mesh, rules, _, _ = train.restore_for_inference(config, workdir)
+  params = state.ema_params if config.sampling.use_ema else state.params
+  samplers = list(samplers or default_samplers(task.objective))
+  rows = []
+  for name in samplers:
+    for t in steps:
+      _, st = sample_lib.generate(task, params, config, num_steps=int(t), sampler=name,
+                                  num_samples=num_samples, mesh=mesh, rules=rules)
+      row = {"sampler": name, "T": int(t), "NFE": st["nfe"],
+             "idle_fraction": st.get("idle_fraction"), "tokens_per_s": st["tokens_per_s"],
+             "sample_entropy": st["sample_entropy"]}
+      row.update({k: v for k, v in st.items() if k not in ("sampler", "num_steps", "nfe")
+                  and k not in row})
+      row["step"] = int(state.step)
+      rows.append(row)
+      print(f"{name:>14s} T={t:<5d} NFE={st['nfe']:<6d} {st['tokens_per_s']:10.1f} tok/s "
+            f"entropy {st['sample_entropy']:.3f}", file=sys.stderr, flush=True)
+  return rows
+
+
+def markdown(rows: Sequence[Dict[str, Any]]) -> str:
+  """The rows as a markdown table (sampler, T, NFE, idle-step fraction, tokens/s, entropy)."""
+  out = ["| sampler | T | NFE | idle-step fraction | tokens/s | sample entropy (nats) |",
+         "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    idle = "n/a" if r.get("idle_fraction") is None else f"{r['idle_fraction']:.3f}"
+    out.append(f"| {r['sampler']} | {r['T']} | {r['NFE']} | {idle} | "
+               f"{r['tokens_per_s']:.1f} | {r['sample_entropy']:.3f} |")
+  return "\n".join(out)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.maybe_initialize()
+  import jax  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  steps = [int(s) for s in _STEPS.value]
+  rows = run_table(_CONFIG.value, workdir, _SAMPLERS.value or None, steps, _NUM_SAMPLES.value)
+  table = markdown(rows)
+  if jax.process_index() == 0:
+    out = _OUTPUT.value or os.path.join(workdir, "sampler_table.json")
+    with open(out, "w") as f:
+      json.dump({"workdir": workdir, "rows": rows, "markdown": table}, f, indent=2)
+    print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

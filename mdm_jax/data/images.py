@@ -1,0 +1,523 @@
+"""Images as token sequences: pixels quantised to ``data.num_levels`` levels per channel.
+
+Sources (``config.data.dataset``):
+
+* ``fashion_mnist``: the full Fashion-MNIST (60,000 train / 10,000 test,
+  28x28x1) from the IDX files of Debian's ``dataset-fashion-mnist`` package,
+  looked up in ``data.path`` (if set), ``/usr/share/datasets/fashion-mnist``
+  and ``<repo>/data/_deb/root/usr/share/datasets/fashion-mnist`` (where
+  ``bash launch/setup_env.sh`` extracts it without touching the system).
+* ``image_folder``: PNG/JPEG/BMP/GIF files under ``data.path`` (read with
+  Pillow); sub-folders are class labels.  Images are converted to
+  ``data.channels`` channels (1 = grey, 3 = RGB) and resized to
+  ``data.image_size`` when it is set.  The last ``data.eval_fraction`` of a
+  seeded shuffle is held out.
+* ``tfds_images``: a TFDS dataset prepared on disk in the ``array_record``
+  format (e.g. ``cifar10``, ``downsampled_imagenet/32x32``), read lazily with
+  ``tfds.data_source(..., download=False)``: nothing is ever downloaded.
+
+Every image [H, W, C] becomes the raster-order token row ``image.reshape(-1)``
+(channel fastest), so a pixel channel is one token with vocabulary
+``num_levels`` and the diffusion losses and samplers work unchanged on
+``[B, H*W*C]`` rows.  ``ImageData`` has the interface of ``TextData``:
+``tokenizer`` (an ``ImageTokenizer`` whose ``decode`` turns a row back into an
+image and whose ``write_samples`` writes a PNG grid), ``train_dataset`` and
+``eval_batches`` (the shared process-slicing helpers of ``data/text.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import struct
+import zlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_DATASETS = ("fashion_mnist", "image_folder", "tfds_images")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FASHION_MNIST_DIRS = (
+    "/usr/share/datasets/fashion-mnist",
+    os.path.join(REPO_ROOT, "data", "_deb", "root", "usr", "share", "datasets", "fashion-mnist"),
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+SETUP_HINT = ("Run `bash launch/setup_env.sh` (it extracts Debian's dataset-fashion-mnist into "
+              "data/_deb/root), or `apt-get install dataset-fashion-mnist`, or point "
+              "--config.data.path at a folder holding the four IDX files.")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+# ------------------------------------------------------------------ IDX files
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped): the MNIST / Fashion-MNIST array format."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    buf = f.read()
+  if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (bad magic {buf[:4]!r}).")
+  dtype, ndim = np.dtype(_IDX_DTYPES[buf[2]]), buf[3]
+  dims = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
+  n = int(np.prod(dims)) if dims else 1
+  offset = 4 + 4 * ndim
+  if len(buf) - offset != n * dtype.itemsize:
+    raise ValueError(f"{path}: header says {dims} ({n * dtype.itemsize} bytes) but the file has "
+                     f"{len(buf) - offset} data bytes.")
+  return np.frombuffer(buf, dtype, count=n, offset=offset).reshape(dims).astype(
+      dtype.newbyteorder("="))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """Writes ``array`` (uint8) as an IDX file (gzipped when the path ends in .gz)."""
+  a = np.ascontiguousarray(array, np.uint8)
+  head = bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(head + a.tobytes())
+
+
+def _find_idx(directory: str, stem: str) -> Optional[str]:
+  for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+    p = os.path.join(directory, name)
+    if os.path.isfile(p):
+      return p
+  return None
+
+
+def find_fashion_mnist(path: str = "") -> str:
+  """The first directory holding the Fashion-MNIST IDX files, or FileNotFoundError."""
+  candidates = ([os.path.expanduser(path)] if path else []) + list(FASHION_MNIST_DIRS)
+  for d in candidates:
+    if all(_find_idx(d, s) for pair in FASHION_MNIST_FILES.values() for s in pair):
+      return d
+  raise FileNotFoundError(f"Fashion-MNIST not found in {candidates}. {SETUP_HINT}")
+
+
+def load_fashion_mnist(path: str = "") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  """{"train": (uint8 [60000, 28, 28, 1], uint8 labels), "test": (... [10000, ...])}."""
+  d = find_fashion_mnist(path)
+  out = {}
+  for split, (img, lab) in FASHION_MNIST_FILES.items():
+    x, y = read_idx(_find_idx(d, img)), read_idx(_find_idx(d, lab))
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+      raise ValueError(f"Fashion-MNIST {split} in {d}: images {x.shape}, labels {y.shape}.")
+    out[split] = (x[..., None], y.astype(np.int32))
+  return out
+
+
+# ------------------------------------------------------------------ image folder
+def load_image_folder(path: str, image_size: int = 0, channels: int = 3
+                      ) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+  """All images under ``path`` -> (uint8 [N, H, W, C], int32 labels, class names).
+
+  Sub-folders are classes (sorted names); images directly in ``path`` get
+  label 0 of class "". All images must have the same size unless
+  ``image_size`` > 0 (then each is resized to image_size x image_size).
+  """
+  try:
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("data.dataset='image_folder' reads images with Pillow, which is not "
+                      "installed: `.venv/bin/pip install pillow`.") from e
+  root = os.path.expanduser(path)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"data.path={path!r} is not a directory of images.")
+  files = []
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      if n.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(os.path.join(dirpath, n))
+  files.sort()
+  if not files:
+    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+  rel_dirs = sorted({os.path.relpath(os.path.dirname(f), root) for f in files})
+  classes = ["" if d == "." else d for d in rel_dirs]
+  mode = {1: "L", 3: "RGB"}.get(int(channels))
+  if mode is None:
+    raise ValueError(f"data.channels must be 1 or 3 for image folders, got {channels}.")
+  images, labels = [], []
+  for f in files:
+    with Image.open(f) as im:
+      im = im.convert(mode)
+      if image_size:
+        im = im.resize((int(image_size), int(image_size)), Image.BICUBIC)
+      a = np.asarray(im, np.uint8)
+    images.append(a[..., None] if a.ndim == 2 else a)
+    rel = os.path.relpath(os.path.dirname(f), root)
+    labels.append(classes.index("" if rel == "." else rel))
+  shapes = {a.shape for a in images}
+  if len(shapes) > 1:
+    raise ValueError(f"Images under {root} have different sizes {sorted(shapes)[:4]}: set "
+                     "--config.data.image_size=N to resize them to N x N.")
+  return np.stack(images), np.asarray(labels, np.int32), classes
+
+
+# ------------------------------------------------------------------ quantisation
+def quantize(x: np.ndarray, num_levels: int) -> np.ndarray:
+  """uint8 0..255 -> level ids 0..num_levels-1 (uniform bins of 256/num_levels values)."""
+  k = _check_levels(num_levels)
+  x = np.asarray(x)
+  if k == 256:
+    return x.astype(np.uint8)
+  return ((x.astype(np.int32) * k) >> 8).astype(np.uint8)
+
+
+def dequantize(q: np.ndarray, num_levels: int) -> np.ndarray:
+  """Level ids -> uint8 pixel values at the middle of each level's bin (exact for 256)."""
+  k = _check_levels(num_levels)
+  q = np.clip(np.asarray(q).astype(np.int64), 0, k - 1)
+  if k == 256:
+    return q.astype(np.uint8)
+  lo = -((-q * 256) // k)                   # ceil(q * 256 / k): first value in bin q
+  hi = -((-(q + 1) * 256) // k) - 1         # last value in bin q
+  return ((lo + hi) // 2).astype(np.uint8)
+
+
+def _check_levels(num_levels: int) -> int:
+  k = int(num_levels)
+  if not 2 <= k <= 256:
+    raise ValueError(f"data.num_levels must be in [2, 256], got {num_levels}.")
+  return k
+
+
+def images_to_tokens(images: np.ndarray, num_levels: int) -> np.ndarray:
+  """uint8 [N, H, W, C] -> int32 [N, H*W*C] raster-order (channel-fastest) level ids."""
+  images = np.asarray(images)
+  return quantize(images, num_levels).reshape(len(images), -1).astype(np.int32)
+
+
+def tokens_to_images(tokens: np.ndarray, image_shape: Sequence[int],
+                     num_levels: int) -> np.ndarray:
+  """int [N, H*W*C] (or [H*W*C]) level ids -> uint8 [N, H, W, C] (or [H, W, C])."""
+  tokens = np.asarray(tokens)
+  shape = tuple(int(s) for s in image_shape)
+  return dequantize(tokens.reshape(tokens.shape[:-1] + shape), num_levels)
+
+
+# ------------------------------------------------------------------ PNG output
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 [H, W] / [H, W, 1] / [H, W, 3] -> PNG bytes (stdlib zlib; no Pillow needed)."""
+  a = np.asarray(image, np.uint8)
+  if a.ndim == 3 and a.shape[2] == 1:
+    a = a[..., 0]
+  if a.ndim == 2:
+    color = 0
+  elif a.ndim == 3 and a.shape[2] == 3:
+    color = 2
+  else:
+    raise ValueError(f"encode_png takes [H, W], [H, W, 1] or [H, W, 3], got {a.shape}.")
+  h, w = a.shape[:2]
+  raw = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6))
+          + chunk(b"IEND", b""))
+
+
+def image_grid(images: np.ndarray, ncols: int = 0, pad: int = 1, scale: int = 1) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
+  images = np.asarray(images, np.uint8)
+  n, h, w, c = images.shape
+  ncols = int(ncols) or int(np.ceil(np.sqrt(n)))
+  nrows = -(-n // ncols)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+         pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+  if scale > 1:
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+  return grid
+
+
+def write_png(path: str, image: np.ndarray) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(encode_png(image))
+  return path
+
+
+def read_png(path: str) -> np.ndarray:
+  """Reads an 8-bit grey or RGB, non-interlaced PNG written by ``encode_png`` (filter 0 rows)."""
+  with open(path, "rb") as f:
+    b = f.read()
+  assert b[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+  i, idat, w, h, color = 8, b"", 0, 0, 0
+  while i < len(b):
+    n, kind = struct.unpack(">I4s", b[i:i + 8])
+    data = b[i + 8:i + 8 + n]
+    if kind == b"IHDR":
+      w, h, _, color = struct.unpack(">IIBB", data[:10])
+    elif kind == b"IDAT":
+      idat += data
+    i += 12 + n
+  c = 3 if color == 2 else 1
+  raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * c)
+  if raw[:, 0].any():
+    raise ValueError("read_png only reads unfiltered rows (as written by encode_png).")
+  return raw[:, 1:].reshape(h, w, c)
+
+
+# ------------------------------------------------------------------ tokenizer
+@dataclasses.dataclass(frozen=True)
+class ImageTokenizer:
+  """Pixels <-> tokens: one token per pixel channel, ``num_levels`` values each."""
+  image_shape: Tuple[int, int, int]
+  num_levels: int = 256
+  name: str = "pixels"
+  is_image: bool = True
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self.num_levels)
+
+  @property
+  def seq_len(self) -> int:
+    return int(np.prod(self.image_shape))
+
+  def fingerprint(self) -> str:
+    return f"pixels-{self.image_shape}-{self.num_levels}"
+
+  def encode(self, image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, C] -> int32 [H*W*C]."""
+    return images_to_tokens(np.asarray(image)[None], self.num_levels)[0]
+
+  def decode(self, tokens: np.ndarray) -> np.ndarray:
+    """int [H*W*C] -> uint8 [H, W, C] (or a batch [N, H*W*C] -> [N, H, W, C])."""
+    return tokens_to_images(tokens, self.image_shape, self.num_levels)
+
+  def write_samples(self, tokens: np.ndarray, out_dir: str, step: int) -> Dict[str, Any]:
+    """Writes ``out_dir/step_N.png`` (a grid of the samples) and an .npy of the images."""
+    images = self.decode(np.asarray(tokens))
+    scale = max(1, 96 // max(self.image_shape[0], 1))
+    path = write_png(os.path.join(out_dir, f"step_{step}.png"),
+                     image_grid(images, scale=min(scale, 4)))
+    np.save(os.path.join(out_dir, f"step_{step}_images.npy"), images)
+    return {"grid_png": path, "num_images": int(len(images)),
+            "mean_pixel": float(images.mean())}
+
+
+# ------------------------------------------------------------------ datasets
+class _LazyTfdsRows:
+  """A TFDS data source seen as quantised token rows (random access, for grain)."""
+
+  def __init__(self, source, num_levels: int, image_key: str = "image"):
+    self._source, self._levels, self._key = source, num_levels, image_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def image(self, i: int) -> np.ndarray:
+    a = np.asarray(self._source[int(i)][self._key], np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+  def __getitem__(self, i):
+    return quantize(self.image(i), self._levels).reshape(-1)
+
+  def rows(self, idx) -> np.ndarray:
+    return np.stack([self[int(i)] for i in idx]).astype(np.int32)
+
+  def labels(self, idx, label_key: str = "label") -> Optional[np.ndarray]:
+    ex = self._source[0]
+    if label_key not in ex:
+      return None
+    return np.asarray([int(self._source[int(i)][label_key]) for i in idx], np.int32)
+
+
+def _as_example(row) -> Dict[str, np.ndarray]:
+  return {"tokens": np.asarray(row, np.int32)}
+
+
+@dataclasses.dataclass
+class ImageData:
+  """Quantised images as token rows, with the interface of ``TextData``.
+
+  Attributes:
+    tokenizer: the ``ImageTokenizer``.
+    train: uint8 [N, H*W*C] level ids (or a lazy TFDS row source).
+    eval: the same for the held-out split.
+    train_labels / eval_labels: int32 class labels, or None.
+    class_names: label names.
+  """
+  tokenizer: ImageTokenizer
+  train: Any
+  eval: Any
+  train_labels: Optional[np.ndarray] = None
+  eval_labels: Optional[np.ndarray] = None
+  class_names: Tuple[str, ...] = ()
+
+  @property
+  def seq_len(self) -> int:
+    return self.tokenizer.seq_len
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def train_dataset(self, global_batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1):
+    """Infinite reshuffled training batches ``{"tokens": int32 [B/P, H*W*C]}`` (see TextData)."""
+    from mdm_jax.data.text import process_train_batches  # pylint: disable=import-outside-toplevel
+    return process_train_batches(self.train, global_batch_size, seed, process_index,
+                                 process_count, transform=_as_example, seq_len=self.seq_len)
+
+  def eval_batches(self, batch_size: int, num_batches: int, process_index: int = 0,
+                   process_count: int = 1) -> List[Dict[str, np.ndarray]]:
+    """Fixed, padded, weighted eval batches (see TextData.eval_batches)."""
+    from mdm_jax.data.text import process_eval_batches  # pylint: disable=import-outside-toplevel
+    return process_eval_batches(lambda idx: self._rows(self.eval, idx), len(self.eval),
+                                self.seq_len, batch_size, num_batches, process_index,
+                                process_count)
+
+  @staticmethod
+  def _rows(source, idx) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+      return source[np.asarray(idx)].astype(np.int32)
+    return source.rows(idx)
+
+  def images(self, split: str = "eval", n: int = 0, offset: int = 0) -> np.ndarray:
+    """uint8 [n, H, W, C] images of a split, as the model sees them (quantised, dequantised)."""
+    src = self.eval if split == "eval" else self.train
+    stop = len(src) if n <= 0 else min(len(src), offset + int(n))
+    rows = self._rows(src, np.arange(offset, stop))
+    return self.tokenizer.decode(rows)
+
+  def labels(self, split: str = "eval", n: int = 0, offset: int = 0) -> Optional[np.ndarray]:
+    lab = self.eval_labels if split == "eval" else self.train_labels
+    if lab is None:
+      return None
+    return lab[offset:] if n <= 0 else lab[offset:offset + int(n)]
+
+
+def _cfg(data_config, key: str, default):
+  try:
+    return data_config[key] if key in data_config else default
+  except TypeError:
+    return getattr(data_config, key, default)
+
+
+def _hold_out(x, y, eval_fraction: float, seed: int):
+  n = len(x)
+  order = np.random.default_rng(seed).permutation(n)
+  n_eval = max(1, int(round(n * float(eval_fraction))))
+  if n - n_eval < 1:
+    raise ValueError(f"Only {n} images: need at least 2 for a train and an eval split.")
+  tr, ev = np.sort(order[:n - n_eval]), np.sort(order[n - n_eval:])
+  return x[tr], y[tr], x[ev], y[ev]
+
+
+def _limit(x, y, n: int):
+  return (x, y) if n <= 0 else (x[:n], None if y is None else y[:n])
+
+
+def make_image_data(data_config, workdir: Optional[str] = None) -> ImageData:
+  """Builds the ``ImageData`` named by ``data.dataset`` (see the module docstring).
+
+  Keys read (with defaults): dataset, path, num_levels (256), image_size (0:
+  native), channels (3, image folders), tfds_name, tfds_data_dir,
+  tfds_train_split ("train"), tfds_eval_split ("test"), eval_fraction,
+  shuffle_seed, max_train_examples / max_eval_examples (0: all), seq_len
+  (must equal H*W*C).
+  """
+  del workdir
+  kind = str(data_config.dataset)
+  levels = _check_levels(_cfg(data_config, "num_levels", 256))
+  max_train = int(_cfg(data_config, "max_train_examples", 0))
+  max_eval = int(_cfg(data_config, "max_eval_examples", 0))
+  classes: Tuple[str, ...] = ()
+  if kind == "fashion_mnist":
+    d = load_fashion_mnist(str(_cfg(data_config, "path", "")))
+    (xtr, ytr), (xev, yev) = d["train"], d["test"]
+    xtr, ytr = _limit(xtr, ytr, max_train)
+    xev, yev = _limit(xev, yev, max_eval)
+    classes = FASHION_MNIST_CLASSES
+  elif kind == "image_folder":
+    x, y, names = load_image_folder(str(_cfg(data_config, "path", "")),
+                                    int(_cfg(data_config, "image_size", 0)),
+                                    int(_cfg(data_config, "channels", 3)))
+    xtr, ytr, xev, yev = _hold_out(x, y, float(_cfg(data_config, "eval_fraction", 0.1)),
+                                   int(_cfg(data_config, "shuffle_seed", 0)))
+    xtr, ytr = _limit(xtr, ytr, max_train)
+    xev, yev = _limit(xev, yev, max_eval)
+    classes = tuple(names)
+  elif kind == "tfds_images":
+    return _make_tfds_data(data_config, levels, max_train, max_eval)
+  else:
+    raise ValueError(f"data.dataset={kind!r} is not an image dataset {IMAGE_DATASETS}.")
+  tok = ImageTokenizer(tuple(int(s) for s in xtr.shape[1:]), levels)
+  _check_seq_len(data_config, tok)
+  to_rows = lambda a: np.ascontiguousarray(quantize(a, levels).reshape(len(a), -1))  # noqa: E731
+  return ImageData(tokenizer=tok, train=to_rows(xtr), eval=to_rows(xev), train_labels=ytr,
+                   eval_labels=yev, class_names=classes)
+
+
+def _check_seq_len(data_config, tok: ImageTokenizer) -> None:
+  want = int(_cfg(data_config, "seq_len", tok.seq_len))
+  if want != tok.seq_len:
+    h, w, c = tok.image_shape
+    raise ValueError(f"data.seq_len={want} does not match the images: {h}x{w}x{c} = "
+                     f"{tok.seq_len} tokens. Set --config.data.seq_len={tok.seq_len}.")
+
+
+def _make_tfds_data(data_config, levels: int, max_train: int, max_eval: int) -> ImageData:
+  name = str(_cfg(data_config, "tfds_name", ""))
+  if not name:
+    raise ValueError("data.dataset='tfds_images' needs --config.data.tfds_name (e.g. cifar10 or "
+                     "downsampled_imagenet/32x32).")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("data.dataset='tfds_images' needs tensorflow-datasets (and "
+                      "importlib_resources): `.venv/bin/pip install tensorflow-datasets "
+                      "importlib_resources`.") from e
+  data_dir = str(_cfg(data_config, "tfds_data_dir", "")) or None
+  splits = (str(_cfg(data_config, "tfds_train_split", "train")),
+            str(_cfg(data_config, "tfds_eval_split", "test")))
+  srcs = []
+  for split in splits:
+    try:   # download=False: never fetch anything (offline this would hang ~200 s)
+      srcs.append(tfds.data_source(name, split=split, data_dir=data_dir, download=False))
+    except Exception as e:  # noqa: BLE001  (tfds raises AssertionError / NotImplementedError)
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} split {split!r} is not prepared in the array_record format "
+          f"under data_dir={data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). "
+          "Prepare it once where there is internet, e.g. `tfds build "
+          f"{name} --file_format=array_record`, then copy the folder here.") from e
+  train, ev = (_LazyTfdsRows(s, levels) for s in srcs)
+  if max_train > 0 or max_eval > 0:
+    raise ValueError("data.max_train_examples / max_eval_examples are not supported for "
+                     "tfds_images; use a TFDS split slice such as 'train[:1000]'.")
+  first = train.image(0)
+  tok = ImageTokenizer(tuple(int(s) for s in first.shape), levels)
+  _check_seq_len(data_config, tok)
+  n_cls = 0
+  try:
+    n_cls = int(srcs[0].dataset_info.features["label"].num_classes)
+  except Exception:  # noqa: BLE001  (no label feature, e.g. downsampled_imagenet)
+    pass
+  tr_lab = train.labels(range(len(train))) if n_cls else None
+  ev_lab = ev.labels(range(len(ev))) if n_cls else None
+  return ImageData(tokenizer=tok, train=train, eval=ev, train_labels=tr_lab, eval_labels=ev_lab,
+                   class_names=tuple(str(i) for i in range(n_cls)))
+
+
+def fingerprint(data: ImageData) -> str:
+  h = hashlib.sha256(data.tokenizer.fingerprint().encode())
+  if isinstance(data.train, np.ndarray):
+    h.update(np.ascontiguousarray(data.train[:64]).tobytes())
+  return h.hexdigest()[:16]

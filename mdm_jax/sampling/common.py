@@ -1,0 +1,99 @@
+"""Small pieces shared by the adaptive samplers (first-hitting, PUNT, EB, MaskGIT, ...).
+
+* ``time_for_mask_prob``: the time t with 1 - alpha(t) = m (bisection; every
+  schedule's alpha is decreasing), for samplers whose state is described by a
+  masked fraction rather than a grid time.  Only time-conditioned networks
+  look at it.
+* ``model_logprobs``: one network call -> (unfiltered, filtered) token
+  log-probabilities, restricted by Prime's carry-over when asked.
+* ``token_confidence``: the per-token confidence scores of algorithms.md §7.3-7.5.
+* ``descending_ranks``: rank 0 = most confident, per row, ties by position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from mdm_jax.prime import PrimeCodec
+from mdm_jax.sampling.filters import apply_filters
+from mdm_jax.schedules import Schedule
+
+Array = jax.Array
+
+# "prob" depends on the drawn value x^ (LLaDA's low-confidence remasking); the
+# other three are functions of the distribution only.  Only value-independent
+# scores leave one-token-per-step decoding exact: choosing *where* to reveal by
+# the value that was drawn there biases that value towards likely tokens.
+CONFIDENCES = ("prob", "max_prob", "margin", "neg_entropy")
+
+
+def time_for_mask_prob(schedule: Schedule, m: Array, iters: int = 30) -> Array:
+  """t in [0, 1] with schedule.mask_prob(t) = m (elementwise, float32 bisection)."""
+  m = jnp.asarray(m, jnp.float32)
+
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = 0.5 * (lo + hi)
+    below = schedule.mask_prob(mid) < m
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(m), jnp.ones_like(m)))
+  return 0.5 * (lo + hi)
+
+
+def model_logprobs(apply_fn: Callable[..., Array], params: Any, codec: PrimeCodec,
+                   digits: Array, t: Array, rng: Array, *, carry_over: bool, temperature,
+                   top_k: int, top_p, top_p_rule: str) -> Tuple[Array, Array]:
+  """(log p(x | y) unfiltered, filtered) over the V tokens, both float32 [B, L, V].
+
+  t: float32 [B] (or a scalar, broadcast to the batch).
+  """
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (digits.shape[0],))
+  logits = apply_fn(params, digits, t, train=False, rng=rng)
+  lp = codec.token_logprobs(logits.astype(jnp.float32), digits if carry_over else None)
+  return lp, apply_filters(lp, temperature, top_k, top_p, top_p_rule)
+
+
+def entropy(lp: Array) -> Array:
+  """Entropy (nats) of each row of log-probabilities [..., V]."""
+  p = jnp.exp(lp)
+  return -jnp.sum(jnp.where(p > 0, p * lp, 0.0), -1)
+
+
+def token_confidence(lp: Array, x_hat: Array, kind: str) -> Array:
+  """Confidence [B, L] of each token's proposal (higher = more confident).
+
+  prob: log p(x^); max_prob: log max_x p(x); margin: p(top-1) - p(top-2);
+  neg_entropy: -H(p).
+  """
+  if kind == "prob":
+    return jnp.take_along_axis(lp, x_hat[..., None], -1)[..., 0]
+  if kind == "max_prob":
+    return jnp.max(lp, -1)
+  if kind == "margin":
+    top2 = jax.lax.top_k(lp, 2)[0] if lp.shape[-1] >= 2 else jnp.concatenate(
+        [lp, jnp.full_like(lp, -jnp.inf)], -1)
+    return jnp.exp(top2[..., 0]) - jnp.exp(top2[..., 1])
+  if kind == "neg_entropy":
+    return -entropy(lp)
+  raise ValueError(f"confidence must be one of {CONFIDENCES}, got {kind!r}.")
+
+
+def descending_ranks(score: Array, valid: Array) -> Array:
+  """int32 ranks along the last axis: 0 = highest score among ``valid``; invalid last."""
+  s = jnp.where(valid, score, -jnp.inf)
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1).astype(jnp.int32)
+
+
+def merge_tokens(codec: PrimeCodec, digits: Array, tokens: Array, where: Array) -> Array:
+  """digits with the *masked* digits of the tokens at ``where`` [B, L] set from ``tokens``.
+
+  Digits already revealed never change (with carry-over the proposal agrees
+  with them anyway).
+  """
+  fill = where[..., None] & (digits == codec.mask_id)
+  return jnp.where(fill, codec.encode(tokens), digits).astype(jnp.int32)

@@ -1,0 +1,270 @@
+"""Two real JAX processes on localhost (CPU, gloo) against one process with the same devices.
+
+``launch/local_multiprocess.py`` starts 2 processes x 2 simulated CPU devices
+that form one 4-device job; the reference is 1 process x 4 devices with the
+same config and mesh.  With the same global batch (row for row), the per-step
+train losses, the final parameters / EMA and the eval bound must agree to float
+tolerance, only process 0 may write logs and samples, and the 2-process
+checkpoint must be restorable by a 1-process run.  The fast tests check the
+launcher's failure handling and the dry runs of the TPU-pod and SLURM scripts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.py")
+STEPS = 4
+ARGS = ["--config=configs/shakespeare_prime.py:tiny",
+        "--config.data.tokenizer=char",          # no BPE training: seconds matter here
+        f"--config.training.num_steps={STEPS}", "--config.training.log_every=1",
+        "--config.eval.every_steps=0", "--config.eval.num_batches=1",
+        "--config.checkpoint.every_steps=0", "--config.sampling.num_steps=2"]
+# data x fsdp over the 4 devices: batch rows AND parameters cross processes.  (Kept
+# apart from ARGS: a second --config.mesh.shape would be appended, not replace it.)
+MESH = "--config.mesh.shape=(2,2,1)"
+
+
+# LLVM -O0 halves the CPU time of the many small compiles here (train, eval and
+# sampling steps in every process); both sides use it, so results stay comparable.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def _env(devices=None):
+  env = dict(os.environ)
+  for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+            "JAX_NUM_CPU_DEVICES"):
+    env.pop(k, None)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = FAST_COMPILE      # the launcher keeps it and adds the device count
+  if devices:
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+  return env
+
+
+def _records(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+
+
+def _train_metric(workdir, key="train/loss"):
+  return {r["step"]: r[key] for r in _records(workdir) if key in r}
+
+
+def _restore_numpy(workdir, step):
+  """The saved train state as numpy arrays, independent of the saving topology."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("mp")
+  ref_dir, mp_dir = str(base / "one_process"), str(base / "two_processes")
+  t0 = time.time()
+  # Both jobs at once: XLA compiles mostly on one core, so this saves wall time.
+  with open(base / "one_process.log", "w") as ref_log, \
+       open(base / "launcher.log", "w") as mp_log:
+    ref = subprocess.Popen([sys.executable, "-m", "mdm_jax.main", *ARGS, MESH,
+                            f"--workdir={ref_dir}"], cwd=ROOT, env=_env(devices=4),
+                           stdout=ref_log, stderr=subprocess.STDOUT)
+    mp = subprocess.Popen([sys.executable, LAUNCHER, "--num_processes=2",
+                           "--devices_per_process=2", "--timeout=240", "--quiet", "--",
+                           *ARGS, MESH, f"--workdir={mp_dir}"],
+                          cwd=ROOT, env=_env(), stdout=mp_log, stderr=subprocess.STDOUT)
+    ref.wait(timeout=300)
+    mp.wait(timeout=300)
+  assert ref.returncode == 0, \
+      "1-process run failed:\n" + (base / "one_process.log").read_text()[-4000:]
+  assert mp.returncode == 0, "2-process run failed:\n" + (base / "launcher.log").read_text()[-4000:]
+  print(f"1-process and 2-process runs: {time.time() - t0:.1f} s")
+  return ref_dir, mp_dir
+
+
+def test_two_processes_form_one_job(runs):
+  _, mp_dir = runs
+  log0 = open(os.path.join(mp_dir, "logs", "process_0.log")).read()
+  log1 = open(os.path.join(mp_dir, "logs", "process_1.log")).read()
+  assert "process 0 of 2" in log0 and "process 1 of 2" in log1
+  assert "'data': 2, 'fsdp': 2" in log0          # one 4-device mesh over both processes
+  # Only process 0 logs metrics, prints progress and writes samples.
+  assert "4/4" in log0 and "4/4" not in log1
+  assert "sample 0 at step" in log0 and "sample 0 at step" not in log1
+  steps = [r["step"] for r in _records(mp_dir) if "train/loss" in r]
+  assert steps == list(range(1, STEPS + 1))      # one writer: no duplicated records
+  assert os.path.isfile(os.path.join(mp_dir, "samples", f"step_{STEPS}.txt"))
+  # Every process took part in the checkpoint (one iterator state per process).
+  data = os.listdir(os.path.join(mp_dir, "checkpoints", str(STEPS), "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
+
+
+def test_losses_and_parameters_match_one_process(runs):
+  ref_dir, mp_dir = runs
+  ref, got = _train_metric(ref_dir), _train_metric(mp_dir)
+  print("step  1 process x 4 devices   2 processes x 2 devices")
+  for s in sorted(ref):
+    print(f"{s:4d}  {ref[s]:.7f}             {got.get(s, float('nan')):.7f}")
+  assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+  for s in ref:
+    np.testing.assert_allclose(got[s], ref[s], rtol=1e-6, err_msg=f"train loss, step {s}")
+  gn_ref = _train_metric(ref_dir, "train/grad_norm")
+  gn_got = _train_metric(mp_dir, "train/grad_norm")
+  for s in gn_ref:
+    np.testing.assert_allclose(gn_got[s], gn_ref[s], rtol=1e-5, err_msg=f"grad norm, step {s}")
+
+  a, b = _restore_numpy(ref_dir, STEPS), _restore_numpy(mp_dir, STEPS)
+  import jax  # pylint: disable=import-outside-toplevel
+  assert int(a["step"]) == int(b["step"]) == STEPS
+  for name in ("params", "ema_params"):
+    la, lb = jax.tree_util.tree_leaves_with_path(a[name]), jax.tree.leaves(b[name])
+    assert len(la) == len(lb)
+    for (path, x), y in zip(la, lb):
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name}{jax.tree_util.keystr(path)}")
+  fa = json.load(open(os.path.join(ref_dir, "final_metrics.json")))
+  fb = json.load(open(os.path.join(mp_dir, "final_metrics.json")))
+  np.testing.assert_allclose(fb["eval_nll"], fa["eval_nll"], rtol=1e-5)
+
+
+def test_two_process_checkpoint_restores_in_one_process(runs):
+  _, mp_dir = runs
+  proc = subprocess.run([sys.executable, "-m", "mdm_jax.main", *ARGS, f"--workdir={mp_dir}",
+                         "--mode=eval", "--config.mesh.shape=(-1,1,1)"],
+                        cwd=ROOT, env=_env(devices=1), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  ev = json.loads(proc.stdout[proc.stdout.index("{"):])
+  final = json.load(open(os.path.join(mp_dir, "final_metrics.json")))
+  assert ev["step"] == STEPS
+  np.testing.assert_allclose(ev["nll"], final["eval_nll"], rtol=1e-5)
+
+
+def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
+  """Resuming with another process count continues the same data stream and losses."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  ref_dir, mp_dir = runs
+  a, b = str(tmp_path / "ref"), str(tmp_path / "mp")
+  shutil.copytree(ref_dir, a)
+  shutil.copytree(mp_dir, b)
+  more = [*ARGS, MESH, f"--config.training.num_steps={STEPS + 2}"]
+  procs = [subprocess.Popen([sys.executable, "-m", "mdm_jax.main", *more, f"--workdir={d}"],
+                            cwd=ROOT, env=_env(devices=4), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for d in (a, b)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  ref, got = _train_metric(a), _train_metric(b)
+  for s in (STEPS + 1, STEPS + 2):
+    np.testing.assert_allclose(got[s], ref[s], rtol=1e-6, err_msg=f"resumed step {s}")
+
+
+# ---------------------------------------------------------------- fast launcher tests
+def test_launcher_propagates_a_failure_and_stops_the_others(tmp_path):
+  (tmp_path / "child.py").write_text(textwrap.dedent("""\
+      import os, sys, time
+      pid = int(os.environ["JAX_PROCESS_ID"])
+      assert os.environ["JAX_NUM_PROCESSES"] == "3"
+      assert os.environ["JAX_COORDINATOR_ADDRESS"].startswith("localhost:")
+      print(f"child {pid} up", flush=True)
+      if pid == 1:
+          time.sleep(0.5)
+          sys.exit(3)
+      time.sleep(120)
+  """))
+  env = _env()
+  env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, LAUNCHER, "-n", "3", "--module=child",
+                         f"--log_dir={tmp_path}/logs", "--"], cwd=str(tmp_path), env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr
+  assert time.time() - t0 < 30                   # the sleepers were killed, not awaited
+  assert "process 1 exited with status 3" in proc.stderr
+  for i in range(3):
+    assert f"child {i} up" in open(tmp_path / "logs" / f"process_{i}.log").read()
+
+
+def test_launcher_env():
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  try:
+    import local_multiprocess as lm  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  env = lm.process_env({"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"},
+                       port=1234, num_processes=2, process_id=1, devices_per_process=2,
+                       platform="cpu")
+  assert env["JAX_COORDINATOR_ADDRESS"] == "localhost:1234"
+  assert env["JAX_NUM_PROCESSES"] == "2" and env["JAX_PROCESS_ID"] == "1"
+  assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=2"]
+  assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+  assert 0 < lm.free_port() < 65536
+
+
+def test_cpu_collectives_switch(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert distributed._cpu_is_the_platform()     # pylint: disable=protected-access
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not distributed._cpu_is_the_platform()  # pylint: disable=protected-access
+  monkeypatch.delenv("JAX_CPU_COLLECTIVES_IMPLEMENTATION", raising=False)
+  assert distributed.enable_cpu_collectives()
+  assert jax.config.jax_cpu_collectives_implementation == "gloo"
+  monkeypatch.setenv("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "mpi")
+  assert not distributed.enable_cpu_collectives()  # an explicit choice is left alone
+
+
+def _dry(script, sub, extra_env=None):
+  env = dict(os.environ, DRY_RUN="1", **(extra_env or {}))
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *sub], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm_gpu.sbatch"])
+def test_launch_scripts_parse(script):
+  proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+def test_tpu_pod_dry_run():
+  env = {"TPU_NAME": "mdm-test", "ZONE": "us-east5-a", "ACCELERATOR": "v5p-32",
+         "CONFIG": "configs/owt_prime.py:ell=4", "WORKDIR": "/mnt/gcs/runs/p4",
+         "BUCKET": "gs://bucket"}
+  out = {}
+  for sub in ("create", "setup", "train", "logs", "delete"):
+    p = _dry("tpu_pod.sh", [sub], env)
+    assert p.returncode == 0, (sub, p.stderr)
+    out[sub] = p.stdout
+  assert "gcloud compute tpus tpu-vm create mdm-test" in out["create"]
+  assert "--zone=us-east5-a" in out["create"] and "--accelerator-type=v5p-32" in out["create"]
+  assert "--version=" in out["create"]
+  for sub in ("setup", "train"):
+    assert "gcloud compute tpus tpu-vm ssh mdm-test" in out[sub] and "--worker=all" in out[sub]
+  assert "mdm_jax.main" in out["train"] and "configs/owt_prime.py:ell=4" in out["train"]
+  assert "/mnt/gcs/runs/p4" in out["train"] and "MDM_JAX_DISTRIBUTED=1" in out["train"]
+  assert "gcsfuse --implicit-dirs bucket" in out["setup"]
+  assert "gcloud compute tpus tpu-vm scp" in out["logs"] or "gsutil" in out["logs"]
+  assert "gcloud compute tpus tpu-vm delete mdm-test" in out["delete"]
+  bad = _dry("tpu_pod.sh", ["bogus"])
+  assert bad.returncode != 0 and "create|setup|train|logs|delete" in bad.stderr + bad.stdout
+
+
+def test_slurm_dry_run():
+  p = _dry("slurm_gpu.sbatch", [], {"SLURM_NTASKS": "16", "SLURM_NNODES": "2",
+                                      "SLURM_JOB_ID": "42"})
+  assert p.returncode == 0, p.stderr
+  assert "srun" in p.stdout and "mdm_jax.main" in p.stdout
