@@ -19,15 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.base import get_base_config
-
-
-def parse_arg(arg: str) -> dict:
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    k, _, v = item.partition("=")
-    out[k.strip()] = v.strip() if v else True
-  return out
+from configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
 
 
 def add_image_keys(c, image_shape, dataset: str):

@@ -212,6 +212,49 @@ class SubTokenEmbed(nn.Module):
     return jnp.einsum("bld,vd->blv", x, self.table[: self.cfg.vocab_size].astype(x.dtype))
 
 
+def dit_trunk(cfg: DiTConfig, x, t, train: bool):
+  """Time conditioning, the DiTBlock stack and the final adaLN norm: [B, N, D] -> [B, N, D].
+
+  Shared by every DiT front end (text sub-tokens, image patches).  Call it from
+  inside an ``nn.compact`` method: the submodules it creates (``cond_in``,
+  ``cond_out``, ``blocks`` / ``block_i``, ``final_adaLN``, ``ln_final``) belong
+  to that module, so parameter names are the same as if written inline.
+  """
+  tt = t if cfg.time_conditioning else jnp.zeros_like(t)
+  c = timestep_embedding(tt * 1000.0, 256)
+  c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
+               kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
+               name="cond_in")(c)
+  c = nn.silu(c)
+  c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
+               kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
+               name="cond_out")(c)
+  c = nn.silu(c)
+
+  block = DiTBlock
+  if cfg.remat != "none":
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if cfg.remat == "dots" else None)
+    block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, deterministic=not train, name="blocks")(x, c)
+  else:
+    for i in range(cfg.num_layers):
+      x, _ = block(cfg, deterministic=not train, name=f"block_{i}")(x, c)
+
+  mod = nn.Dense(2 * cfg.d_model, param_dtype=cfg.param_dtype,
+                 kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
+                 name="final_adaLN")(c)
+  shift, scale = jnp.split(mod, 2, axis=-1)
+  x = RMSLayerNorm(cfg.param_dtype, name="ln_final")(x)
+  x = _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
+  return x
+
+
 class DiT(nn.Module):
   cfg: DiTConfig
 
@@ -224,38 +267,7 @@ class DiT(nn.Module):
     x = embed(digits)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    tt = t if cfg.time_conditioning else jnp.zeros_like(t)
-    c = timestep_embedding(tt * 1000.0, 256)
-    c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
-                 kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
-                 name="cond_in")(c)
-    c = nn.silu(c)
-    c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
-                 kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
-                 name="cond_out")(c)
-    c = nn.silu(c)
-
-    block = DiTBlock
-    if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if cfg.remat == "dots" else None)
-      block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, deterministic=not train, name="blocks")(x, c)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic=not train, name=f"block_{i}")(x, c)
-
-    mod = nn.Dense(2 * cfg.d_model, param_dtype=cfg.param_dtype,
-                   kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
-                   name="final_adaLN")(c)
-    shift, scale = jnp.split(mod, 2, axis=-1)
-    x = RMSLayerNorm(cfg.param_dtype, name="ln_final")(x)
-    x = _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
+    x = dit_trunk(cfg, x, t, train)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

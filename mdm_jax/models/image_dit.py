@@ -13,7 +13,7 @@ digits, so the input is ``[B, L, ell]`` exactly as for text and the output is
 2. the ``p x p x C`` pixel-channel vectors of a patch are concatenated and
    projected to ``d_model``, plus a learned 2-D position embedding (row +
    column) -- the blocks also apply rotary on the patch's raster index;
-3. the ``DiTBlock``s of ``mdm_jax.models.dit`` (adaLN-Zero, the same
+3. the ``DiTBlock`` stack of ``mdm_jax.models.dit`` (``dit_trunk``) (adaLN-Zero, the same
    conditioning MLP), scanned over layers;
 4. a zero-initialised head giving ``V`` logits for each of the ``p*p*C``
    pixel channels of a patch, unpatchified back to raster order.
@@ -28,11 +28,9 @@ import dataclasses
 from typing import Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from mdm_jax.models.dit import (DiTBlock, DiTConfig, RMSLayerNorm, _dense_init, _kernel,
-                                _modulate, _zeros, timestep_embedding)
+from mdm_jax.models.dit import DiTConfig, _kernel, dit_trunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,35 +113,7 @@ class ImageDiT(nn.Module):
     x = (x + pos[None].astype(cfg.dtype)).astype(cfg.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    tt = t if cfg.time_conditioning else jnp.zeros_like(t)
-    c = timestep_embedding(tt * 1000.0, 256)
-    for name in ("cond_in", "cond_out"):
-      c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
-                   kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
-                   name=name)(c)
-      c = nn.silu(c)
-
-    block = DiTBlock
-    if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if cfg.remat == "dots" else None)
-      block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, deterministic=not train, name="blocks")(x, c)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, deterministic=not train, name=f"block_{i}")(x, c)
-
-    mod = nn.Dense(2 * cfg.d_model, param_dtype=cfg.param_dtype,
-                   kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
-                   name="final_adaLN")(c)
-    shift, scale = jnp.split(mod, 2, axis=-1)
-    x = RMSLayerNorm(cfg.param_dtype, name="ln_final")(x)
-    x = _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
+    x = dit_trunk(cfg, x, t, train)
     ppc = p * p * icfg.image_shape[2]
     w = _kernel(self, "head", (cfg.d_model, ppc, cfg.vocab_size), ("embed", None, "vocab"),
                 zero=True, param_dtype=cfg.param_dtype)
