@@ -69,6 +69,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Residual gate offset: 0.0 is adaLN-Zero (MDLM/DiT; blocks start as the identity);
   # 1.0 starts them as ordinary pre-LN blocks, which learns faster on tiny budgets.
   c.model.gate_init = 0.0
+  c.model.local_conv = 0              # > 0: residual depthwise conv (odd width) over length in
+                                      # each block: masked positions read their neighbours early
 
   # ---------------------------------------------------------------- training
   c.training = ml_collections.ConfigDict()
@@ -131,6 +133,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.remdm_t_on = 0.55        # remdm loop: the refinement phase is t in (t_off, t_on]
   c.sampling.remdm_t_off = 0.05
   c.sampling.remdm_alpha_on = 0.9     # remdm loop: alpha held during the refinement phase
+
+  # ---------------------------------------------------------------- Di[M]O distillation
+  # --mode=distill --teacher_workdir=DIR: a one-step generator distilled from a trained
+  # diffusion model (mdm_jax/distill.py, algorithms.md §5).  Defaults are the paper's MaskGIT
+  # recipe; the image configs override the step count and learning rate for small models.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.num_steps = 50_000
+  c.distill.batch_size = 64
+  c.distill.learning_rate = 1e-5      # generator and auxiliary (Adam, constant after warm-up)
+  c.distill.aux_learning_rate = -1.0  # < 0 = learning_rate
+  c.distill.warmup_steps = 100
+  c.distill.b1 = 0.9
+  c.distill.b2 = 0.999
+  c.distill.grad_clip = 1.0
+  c.distill.ema_decay = 0.9999        # EMA of the generator; 0 disables
+  c.distill.r_init = 0.6              # token initialisation: fraction of [MASK] in the input
+  c.distill.sigma_p = 0.1             # ... and Gaussian perturbation of the input embeddings
+  c.distill.mask_ratio = "schedule"   # re-mask ratio: schedule (the teacher's) | arccos | cosine | uniform
+  c.distill.beta = 0.0                # 0 = forward KL (paper), 1 = reverse KL, between = Jeffreys mix
+  c.distill.gen_temperature = 1.0     # tau_g: generator samples ~ softmax(z / tau_g)
+  c.distill.label_smoothing = 0.1     # auxiliary cross-entropy
+  c.distill.aux_steps = 1             # auxiliary updates per generator update
+  c.distill.frozen_params = ("digit_table", "pos_row", "pos_col", "head_bias", "embed/table")
+  c.distill.teacher_use_ema = True    # distil the teacher's EMA parameters
+  c.distill.use_ema = True            # sample / evaluate the generator's EMA parameters
+  c.distill.log_every = 10
+  c.distill.checkpoint_every = 100
+  c.distill.num_samples = 64          # PNG grid of one-step samples at the end
+  c.distill.seed = 0
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = ml_collections.ConfigDict()

@@ -24,7 +24,8 @@ from absl import logging
 # Config sections whose values must match between a checkpoint and the run that
 # restores it (they change parameter shapes or what the parameters mean).
 COMPAT_KEYS = ("objective", "model", "prime", "data.tokenizer", "data.bpe_vocab_size",
-               "data.dataset", "data.path")
+               "data.dataset", "data.path", "gaussian.form", "gaussian.schedule",
+               "gaussian.num_timesteps")
 # Within those sections, keys that may change freely on resume.
 COMPAT_IGNORE = ("model.dropout", "model.remat", "model.scan_layers", "model.attention_impl",
                  "model.dtype")
@@ -54,8 +55,16 @@ def compat_view(config_dict: Dict[str, Any]) -> Dict[str, Any]:
   return keep
 
 
+# Keys added after checkpoints already existed, with the value that means "as before": a
+# checkpoint without the key matches a run whose value is this default.
+COMPAT_DEFAULTS = {"model.local_conv": 0}
+
+
 def config_mismatches(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, tuple]:
   a, b = compat_view(saved), compat_view(current)
+  for k, neutral in COMPAT_DEFAULTS.items():
+    a.setdefault(k, neutral)
+    b.setdefault(k, neutral)
   return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
 

@@ -9,7 +9,7 @@ from typing import Any, Dict
 import ml_collections
 
 _CHOICES = {
-    "objective": ("diffusion", "ar"),
+    "objective": ("diffusion", "ar", "gaussian"),   # gaussian: mdm_jax/gaussian_task.py
     "prime.loss": ("marginal", "joint"),
     "data.tokenizer": ("char", "byte", "bpe", "gpt2"),
     "data.dataset": ("shakespeare", "text_files", "array_record",

@@ -314,7 +314,13 @@ def main(argv):
     print(json.dumps({"path": os.path.abspath(path), **clf.meta}, indent=2))
     return
   if not f.workdir or not f.classifier_path:
-    raise SystemExit("error: --mode=evaluate needs --workdir and --classifier_path.")
+    raise SystemExit(f"error: --mode={f.mode} needs --workdir and --classifier_path.")
+  if f.mode == "evaluate_distilled":   # a Di[M]O one-step generator (mdm_jax/distill.py)
+    from mdm_jax import distill  # pylint: disable=import-outside-toplevel
+    res = distill.evaluate_generator(config, os.path.abspath(f.workdir), f.classifier_path,
+                                     f.num_samples, f.sample_batch)
+    print(json.dumps(res, indent=2, default=str))
+    return
   res = evaluate_images(config, os.path.abspath(f.workdir), f.classifier_path, f.num_samples,
                         f.sample_batch)
   print(json.dumps(res, indent=2, default=str))
@@ -325,7 +331,9 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "An image config, e.g. "
                                   "configs/fashion_mnist_prime.py.", lock_config=False)
-  flags.DEFINE_enum("mode", "evaluate", ["train_classifier", "evaluate"], "What to run.")
+  flags.DEFINE_enum("mode", "evaluate", ["train_classifier", "evaluate", "evaluate_distilled"],
+                    "What to run (evaluate_distilled: a --mode=distill workdir, one-step "
+                    "samples).")
   flags.DEFINE_string("workdir", None, "evaluate: the diffusion run's workdir.")
   flags.DEFINE_string("classifier_path", "", "Directory of the feature classifier.")
   flags.DEFINE_integer("num_samples", 0, "evaluate: samples for the Frechet distance "

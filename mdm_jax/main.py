@@ -4,6 +4,8 @@ Modes:
   train   train (or resume) and write metrics, checkpoints and samples to workdir
   eval    perplexity bound of the latest checkpoint on the eval split
   sample  samples + a JSON of NFE, wall time, tokens/s and entropy from the latest checkpoint
+  distill Di[M]O: distil the diffusion run in --teacher_workdir into a one-step generator
+          (config.distill; mdm_jax/distill.py, docs/images.md)
   prepare tokenize a text source once into ArrayRecord shards of packed sequences in
           --output (no --workdir); train on them with --config.data.dataset=array_record
           --config.data.path=OUTPUT (see docs/data.md)
@@ -24,8 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (e.g. configs/shakespeare_prime.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "prepare"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "prepare", "distill"],
+                          "What to run.")
 _STEPS = flags.DEFINE_integer("sample_steps", None, "sample mode: override sampling.num_steps.")
+_TEACHER = flags.DEFINE_string("teacher_workdir", None, "distill: the trained diffusion run to "
+                               "distil (its config must be --config); output goes to --workdir.")
 # ---- prepare mode (see docs/data.md); the tokenizer, seq_len and eval_fraction come from --config.
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: the dataset directory to write.")
 _SOURCE = flags.DEFINE_string(
@@ -103,6 +108,9 @@ def main(argv):
   try:
     if _MODE.value == "train":
       result = train.train_and_evaluate(config, workdir)
+    elif _MODE.value == "distill":   # Di[M]O one-step generator (mdm_jax/distill.py)
+      from mdm_jax import distill  # pylint: disable=import-outside-toplevel
+      result = distill.distill(config, _TEACHER.value or "", workdir)
     elif _MODE.value == "eval":
       result = train.evaluate_checkpoint(config, workdir)
     else:
@@ -113,5 +121,37 @@ def main(argv):
   print(json.dumps(result, indent=2, default=str))
 
 
+def parse_flags(argv):
+  """absl flag parsing that turns a bad ``--config`` file or ``--config.KEY`` into one clear line.
+
+  ml_collections raises KeyError/AttributeError (unknown key) or ValueError/TypeError (a value
+  of the wrong type, an unknown config variant) from deep inside flag parsing; the user should
+  see what to change, not a traceback.
+  """
+  try:
+    args = flags.FLAGS(argv)
+    if _CONFIG.value is not None:  # a config file that failed to load raises only when first read
+      _ = list(_CONFIG.value.keys())
+    return args
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    # A config file that raised carries its whole traceback in the message: keep the last line.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = lines[-1] if lines else type(e).__name__
+    if isinstance(e, (KeyError, AttributeError)):
+      msg = f"unknown config key {msg.strip(chr(34) + chr(39))!r}"
+    flag = lines[0].split(":", 1)[0] if lines and lines[0].startswith("flag --") else ""
+    if flag and msg.startswith(flag):
+      flag = ""
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    hint = ""
+    if isinstance(e, (KeyError, AttributeError)) and overrides:
+      hint = (f" (overrides given: {', '.join(overrides)}; a key must already exist in the config "
+              "file, see configs/base.py)")
+    print(f"error: {flag + ': ' if flag else ''}{msg}{hint}", file=sys.stderr)
+    print("usage: python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
+          "[--mode=train|eval|sample|prepare] [--config.KEY=VALUE ...]", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -88,6 +88,9 @@ def generate(task, params, config, *, seed: Optional[int] = None, num_samples: O
              num_steps: Optional[int] = None, sampler: Optional[str] = None, mesh=None,
              rules=None) -> Tuple[Any, Dict[str, float]]:
   """Samples sequences; returns (SampleResult, stats with NFE, wall time, tokens/s, entropy)."""
+  if hasattr(task, "generate"):   # tasks with their own samplers (GaussianTask: DDIM/DDPM/EDM)
+    return task.generate(params, config, seed=seed, num_samples=num_samples,
+                         num_steps=num_steps, sampler=sampler, mesh=mesh, rules=rules)
   sc = config.sampling
   sampler = sampler or ("ar" if task.objective == "ar" else sc.sampler)
   n = int(num_samples or sc.num_samples)

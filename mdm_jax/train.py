@@ -102,6 +102,9 @@ class Task:
 
 def build_task(config, vocab_size: int) -> Task:
   config_utils.validate_config(config)
+  if config.objective == "gaussian":   # Gaussian image diffusion (mdm_jax/gaussian_task.py)
+    from mdm_jax.gaussian_task import build_gaussian_task  # pylint: disable=import-outside-toplevel
+    return build_gaussian_task(config, vocab_size)
   ar = config.objective == "ar"
   codec = prime_lib.codec_from_config(vocab_size, config.prime)
   model = build_model(config.model, vocab_size=vocab_size, ell=codec.ell, base=codec.base,
@@ -173,8 +176,9 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
   length = task.seq_len
   micro_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
 
-  def loss_fn(params, tokens, key, t, rows):
-    per_seq, metrics = task.loss(params, tokens, key, train=True, t=t, row_ids=rows)
+  def loss_fn(params, tokens, key, t, rows, extra):
+    # extra: further per-row batch fields (e.g. image class labels) passed to task.loss by name
+    per_seq, metrics = task.loss(params, tokens, key, train=True, t=t, row_ids=rows, **extra)
     return jnp.sum(per_seq), metrics
 
   def step_fn(state: TrainState, batch):
@@ -187,21 +191,23 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
         tokens.reshape(n_micro, bsz // n_micro, length), micro_sharding)
     t_mb = t_all.reshape(n_micro, bsz // n_micro)
     rows_mb = jnp.arange(bsz, dtype=jnp.int32).reshape(n_micro, bsz // n_micro)
+    extra_mb = {k: v.reshape((n_micro, bsz // n_micro) + v.shape[1:])
+                for k, v in batch.items() if k != "tokens"}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     # Masks are drawn per global row, so microbatching changes nothing but the
     # summation order; dropout (if any) uses a per-microbatch key.
     def micro(carry, xs):
       g_acc, l_acc = carry
-      tok, t, rows = xs
-      (l, metrics), g = grad_fn(state.params, tok, k_loss, t, rows)
+      tok, t, rows, extra = xs
+      (l, metrics), g = grad_fn(state.params, tok, k_loss, t, rows, extra)
       g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       return (g_acc, l_acc + l), metrics
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     (grads, total), metrics = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)),
-        (tok_mb, t_mb, rows_mb))
+        (tok_mb, t_mb, rows_mb, extra_mb))
     norm = 1.0 / (bsz * length)                      # -> nats per token
     grads = jax.tree.map(lambda g: g * norm, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -220,12 +226,14 @@ def make_train_step(task: Task, tx, config, mesh, rules, shardings):
     with nn.logical_axis_rules(rules):
       return step_fn(state, batch)
 
-  batch_sh = {"tokens": shd.batch_sharding(mesh)}
+  batch_sh = shd.batch_sharding(mesh)   # every batch field ("tokens", optional "labels")
   return jax.jit(traced, in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 
 def make_eval_step(task: Task, config, mesh, rules, param_shardings):
+  if hasattr(task, "make_eval_step"):   # a task with its own metric (GaussianTask: L_G by level)
+    return task.make_eval_step(config, mesh, rules, param_shardings)
   k_samples = int(config.eval.num_time_samples)
 
   def fn(params, batch, key):
@@ -241,6 +249,8 @@ def make_eval_step(task: Task, config, mesh, rules, param_shardings):
 
 def evaluate(eval_step, params, batches, mesh, seed: int) -> Dict[str, float]:
   """Token-weighted NELBO (nats/token) and the perplexity bound over fixed batches."""
+  if hasattr(eval_step, "evaluate"):    # see make_eval_step
+    return eval_step.evaluate(params, batches, mesh, seed)
   total, count = 0.0, 0.0
   base = jax.random.key(seed)
   bs = shd.batch_sharding(mesh)
@@ -325,7 +335,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   with jax.set_mesh(mesh):
     for step in range(start, num_steps):
       batch = next(train_iter)
-      gb = {"tokens": shd.global_batch(batch["tokens"], bs["tokens"])}
+      gb = {k: shd.global_batch(v, bs["tokens"]) for k, v in batch.items()}
       state, metrics = train_step(state, gb)
       done = step + 1
       if done % int(config.training.log_every) == 0 or done == num_steps:
@@ -340,9 +350,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       if (config.eval.every_steps and done % int(config.eval.every_steps) == 0) or done == num_steps:
         last_eval = evaluate(eval_step, eval_params(state), eval_batches, mesh,
                              int(config.eval.seed))
-        writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()})
-        progress.message(f"eval @ {done}: nll {last_eval['nll']:.4f} nats/token, "
-                         f"perplexity bound {last_eval['ppl_bound']:.3f}")
+        writer.write(done, {f"eval/{k}": v for k, v in last_eval.items() if not isinstance(v, str)})
+        progress.message(f"eval @ {done}: " + last_eval.get(
+            "message", f"nll {last_eval['nll']:.4f} nats/token, "
+            f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
         if is_main and multivariate.is_multivariate(task.schedule):   # learned-order picture
           multivariate.write_order(task.schedule, eval_params(state), task.seq_len, workdir, done)
         if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
@@ -412,7 +423,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   params = state.ema_params if config.eval.use_ema else state.params
   res = evaluate(eval_step, params, batches, mesh, int(config.eval.seed))
   res["step"] = int(state.step)
-  res["bound"] = "exact NLL (AR)" if task.objective == "ar" else "valid ELBO (marginal)"
+  res.setdefault("bound", "exact NLL (AR)" if task.objective == "ar" else "valid ELBO (marginal)")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"eval_step_{int(state.step)}.json"), "w") as f:
       json.dump(res, f, indent=2)

@@ -57,6 +57,10 @@ def test_missing_partial_and_mismatched_checkpoints(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r"prime\.ell.*checkpoint=2.*current=3"):
     ck.check_compatible({"model": {"d_model": 64}, "prime": {"ell": 3}})
   ck.check_compatible({"model": {"d_model": 64, "dropout": 0.1}, "prime": {"ell": 2}})
+  # A key added later (absent from the checkpoint) matches only at its neutral default.
+  ck.check_compatible({"model": {"d_model": 64, "local_conv": 0}, "prime": {"ell": 2}})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model\.local_conv.*checkpoint=0.*current=3"):
+    ck.check_compatible({"model": {"d_model": 64, "local_conv": 3}, "prime": {"ell": 2}})
 
   # A checkpoint whose array data has been deleted (a partial copy) -> a clear error.
   step_dir = tmp_path / "ck" / "5" / "state"

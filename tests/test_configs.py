@@ -80,9 +80,10 @@ def test_every_config_file_is_covered():
       set(CONFIG_FILES)
 
 
-# Image configs (model image_dit) are built and checked in tests/test_images.py.
+# Image configs (model image_dit) are built and checked in tests/test_images.py; the Gaussian
+# mc_dit configs in tests/test_mc_dit.py.
 IMAGE_CONFIGS = {"fashion_mnist_prime.py", "fashion_mnist_mdm.py", "cifar10_prime.py",
-                 "imagenet32_prime.py"}
+                 "imagenet32_prime.py", "fashion_mnist_mcdit.py", "cifar10_mcdit.py"}
 CASES = [(n, "") for n in CONFIG_FILES if n not in IMAGE_CONFIGS] + [
     ("shakespeare_prime.py", "tiny"), ("shakespeare_prime.py", "ell=3,tiny"),
     ("owt_prime.py", "ell=2"), ("owt_prime.py", "ell=8,microbatches=4"),

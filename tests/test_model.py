@@ -1,3 +1,4 @@
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,3 +93,72 @@ def test_logical_axis_names_on_params():
       "layers", "embed", "mlp")
   assert specs["head"] == jax.sharding.PartitionSpec("embed", "vocab")
   assert specs["embed"]["table"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def _randomise_local_conv(params, rng):
+  """Random taps for every local_conv kernel in a params tree."""
+  flat = flax.traverse_util.flatten_dict(params)
+  for path in list(flat):
+    if path[-1] == "local_conv":
+      flat[path] = jnp.asarray(rng.normal(0, 0.5, flat[path].shape), jnp.float32)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_conv_identity_at_init_and_no_lookahead(causal):
+  digits = jnp.asarray(np.random.default_rng(1).integers(0, 30, (2, 12, 1)))
+  t = jnp.full((2,), 0.5)
+  plain = build_model(_cfg(gate_init=1.0), vocab_size=30, ell=1, base=30, causal=causal)
+  conv = build_model(_cfg(gate_init=1.0, local_conv=3), vocab_size=30, ell=1, base=30,
+                     causal=causal)
+  flat = flax.traverse_util.flatten_dict(nn.unbox(conv.init(jax.random.key(0), digits, t))["params"])
+  kernels = [v for k, v in flat.items() if k[-1] == "local_conv"]
+  assert kernels and all(k.shape[-2:] == (3, 48) and not k.any() for k in kernels)
+  # Leave the other zero inits (head, adaLN) so the comparison is not 0 == 0.
+  noise = np.random.default_rng(3)
+  flat = {k: (v if k[-1] == "local_conv" else v + noise.normal(0, 0.05, v.shape).astype(np.float32))
+          for k, v in flat.items()}
+  p_conv = flax.traverse_util.unflatten_dict(flat)
+  stripped = flax.traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if k[-1] != "local_conv" and "ln_conv" not in k})
+  out_conv = conv.apply({"params": p_conv}, digits, t)
+  assert np.abs(np.asarray(out_conv)).max() > 1e-3
+  np.testing.assert_allclose(out_conv, plain.apply({"params": stripped}, digits, t), atol=1e-5)
+  # With learnt taps the output changes, and the causal model still never looks ahead.
+  p_rand = _randomise_local_conv(p_conv, np.random.default_rng(2))
+  base = conv.apply({"params": p_rand}, digits, t)
+  assert np.abs(np.asarray(base - out_conv)).max() > 1e-3
+  later = digits.at[:, 8:].set((digits[:, 8:] + 1) % 30)
+  diff = np.abs(np.asarray(conv.apply({"params": p_rand}, later, t) - base)).max(axis=(0, 2))
+  assert (diff[8:] > 1e-6).all()
+  if causal:
+    assert (diff[:8] < 1e-6).all()
+
+
+def test_local_conv_bad_width():
+  with pytest.raises(ValueError, match="local_conv"):
+    build_model(_cfg(local_conv=2), vocab_size=30, ell=1, base=30, causal=False)
+
+
+@pytest.mark.parametrize("width,causal", [(3, False), (5, False), (2, True), (3, True)])
+def test_length_conv_matches_numpy(width, causal):
+  from mdm_jax.models.dit import _length_conv   # pylint: disable=import-outside-toplevel
+
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return _length_conv(self, x, width, causal, jnp.float32)
+
+  x = np.random.default_rng(0).normal(size=(2, 7, 6)).astype(np.float32)
+  m = Conv()
+  p = nn.unbox(m.init(jax.random.key(0), x))
+  assert not np.asarray(m.apply(p, x)).any()              # zero taps at init
+  w = np.random.default_rng(1).normal(size=(width, 6)).astype(np.float32)
+  y = np.asarray(m.apply({"params": {"local_conv": jnp.asarray(w)}}, x))
+  offs = range(-(width - 1), 1) if causal else range(-(width // 2), width // 2 + 1)
+  want = np.zeros_like(x)
+  for i, o in enumerate(offs):
+    for l in range(7):
+      if 0 <= l + o < 7:
+        want[:, l] += w[i] * x[:, l + o]
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)

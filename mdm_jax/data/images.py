@@ -343,6 +343,26 @@ def _as_example(row) -> Dict[str, np.ndarray]:
   return {"tokens": np.asarray(row, np.int32)}
 
 
+class _RowsWithLabels:
+  """Random-access (row, label) pairs for grain (``data.class_labels=True``)."""
+
+  def __init__(self, rows, labels):
+    if len(rows) != len(labels):
+      raise ValueError(f"{len(rows)} image rows but {len(labels)} labels.")
+    self._rows, self._labels = rows, labels
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, i):
+    return self._rows[int(i)], self._labels[int(i)]
+
+
+def _as_labelled_example(item) -> Dict[str, np.ndarray]:
+  row, label = item
+  return {"tokens": np.asarray(row, np.int32), "labels": np.asarray(label, np.int32)}
+
+
 @dataclasses.dataclass
 class ImageData:
   """Quantised images as token rows, with the interface of ``TextData``.
@@ -353,6 +373,8 @@ class ImageData:
     eval: the same for the held-out split.
     train_labels / eval_labels: int32 class labels, or None.
     class_names: label names.
+    with_labels: batches also carry int32 ``labels`` (``data.class_labels``; class-conditional
+      models such as objective='gaussian').
   """
   tokenizer: ImageTokenizer
   train: Any
@@ -360,6 +382,7 @@ class ImageData:
   train_labels: Optional[np.ndarray] = None
   eval_labels: Optional[np.ndarray] = None
   class_names: Tuple[str, ...] = ()
+  with_labels: bool = False
 
   @property
   def seq_len(self) -> int:
@@ -373,6 +396,10 @@ class ImageData:
                     process_count: int = 1):
     """Infinite reshuffled training batches ``{"tokens": int32 [B/P, H*W*C]}`` (see TextData)."""
     from mdm_jax.data.text import process_train_batches  # pylint: disable=import-outside-toplevel
+    if self.with_labels and self.train_labels is not None:
+      return process_train_batches(_RowsWithLabels(self.train, self.train_labels),
+                                   global_batch_size, seed, process_index, process_count,
+                                   transform=_as_labelled_example, seq_len=self.seq_len)
     return process_train_batches(self.train, global_batch_size, seed, process_index,
                                  process_count, transform=_as_example, seq_len=self.seq_len)
 
@@ -380,9 +407,17 @@ class ImageData:
                    process_count: int = 1) -> List[Dict[str, np.ndarray]]:
     """Fixed, padded, weighted eval batches (see TextData.eval_batches)."""
     from mdm_jax.data.text import process_eval_batches  # pylint: disable=import-outside-toplevel
-    return process_eval_batches(lambda idx: self._rows(self.eval, idx), len(self.eval),
-                                self.seq_len, batch_size, num_batches, process_index,
-                                process_count)
+    batches = process_eval_batches(lambda idx: self._rows(self.eval, idx), len(self.eval),
+                                   self.seq_len, batch_size, num_batches, process_index,
+                                   process_count)
+    if self.with_labels and self.eval_labels is not None:   # the same rows' labels (0 = padding)
+      local = int(batch_size) // int(process_count)
+      for gi, b in enumerate(batches):
+        idx = gi * int(batch_size) + int(process_index) * local + np.arange(local)
+        real = idx < len(self.eval_labels)
+        b["labels"] = np.where(real, self.eval_labels[np.minimum(idx, len(self.eval_labels) - 1)],
+                               0).astype(np.int32)
+    return batches
 
   @staticmethod
   def _rows(source, idx) -> np.ndarray:
@@ -456,14 +491,17 @@ def make_image_data(data_config, workdir: Optional[str] = None) -> ImageData:
     xev, yev = _limit(xev, yev, max_eval)
     classes = tuple(names)
   elif kind == "tfds_images":
-    return _make_tfds_data(data_config, levels, max_train, max_eval)
+    data = _make_tfds_data(data_config, levels, max_train, max_eval)
+    data.with_labels = bool(_cfg(data_config, "class_labels", False))
+    return data
   else:
     raise ValueError(f"data.dataset={kind!r} is not an image dataset {IMAGE_DATASETS}.")
   tok = ImageTokenizer(tuple(int(s) for s in xtr.shape[1:]), levels)
   _check_seq_len(data_config, tok)
   to_rows = lambda a: np.ascontiguousarray(quantize(a, levels).reshape(len(a), -1))  # noqa: E731
   return ImageData(tokenizer=tok, train=to_rows(xtr), eval=to_rows(xev), train_labels=ytr,
-                   eval_labels=yev, class_names=classes)
+                   eval_labels=yev, class_names=classes,
+                   with_labels=bool(_cfg(data_config, "class_labels", False)))
 
 
 def _check_seq_len(data_config, tok: ImageTokenizer) -> None:

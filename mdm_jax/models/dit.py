@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.models.embed_noise import perturb_embeddings
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,6 +61,14 @@ class DiTConfig:
   scan_layers: bool = True
   remat: str = "none"                    # none | full | dots
   gate_init: float = 0.0                 # 0: adaLN-Zero (blocks start as identity)
+  rotary: bool = True                    # False: no rotary (positions come from an absolute
+                                         # embedding added by the front end, as in image DiTs)
+  local_conv: int = 0                    # > 0: a residual depthwise conv of this width over
+                                         # the length axis before each attention (odd width,
+                                         # centred; causal: past-only); zero-initialised, so
+                                         # it starts as the identity.  Hands each position
+                                         # its neighbours directly: a masked token need not
+                                         # wait for attention to learn to look next door
 
   def __post_init__(self):
     if self.d_model < self.ell:
@@ -71,6 +81,9 @@ class DiTConfig:
     if self.tie_embeddings and self.ell != 1:
       raise ValueError("model.tie_embeddings needs prime.ell == 1: with ell > 1 the input "
                        "table holds sub-token digits, not the V output tokens.")
+    if self.local_conv < 0 or (self.local_conv and not self.causal and self.local_conv % 2 == 0):
+      raise ValueError(f"model.local_conv={self.local_conv} must be 0 (off) or a positive odd "
+                       "width (a centred kernel; the causal AR model also accepts even widths).")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
     if self.attention_impl not in (None, "xla", "cudnn"):
@@ -133,6 +146,33 @@ def _modulate(x, shift, scale):
   return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
+def _length_conv(module: nn.Module, x, width: int, causal: bool, param_dtype):
+  """Depthwise conv over axis 1 of [B, L, D] (zero padded), as shifted sums (no conv op,
+  so it shards like any elementwise op).
+
+  Tap offsets are ``-(width//2) .. width//2`` (``-(width-1) .. 0`` when causal, so no
+  position sees the future).  Taps start at zero; the caller adds the result to a
+  residual stream, so switching it on changes nothing at initialisation.
+  """
+  offsets = list(range(-(width - 1), 1)) if causal else list(range(-(width // 2), width // 2 + 1))
+  w = module.param("local_conv", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                              (None, "embed")),
+                   (width, x.shape[-1]), param_dtype).astype(x.dtype)
+  length = x.shape[1]
+  out = jnp.zeros_like(x)
+  for i, o in enumerate(offsets):           # y[l] = sum_o w[o] * x[l + o]
+    if abs(o) >= length:
+      continue
+    if o == 0:
+      shifted = x
+    elif o > 0:
+      shifted = jnp.pad(x[:, o:], ((0, 0), (0, o)) + ((0, 0),) * (x.ndim - 2))
+    else:
+      shifted = jnp.pad(x[:, :o], ((0, 0), (-o, 0)) + ((0, 0),) * (x.ndim - 2))
+    out = out + w[i] * shifted
+  return out
+
+
 class DiTBlock(nn.Module):
   cfg: DiTConfig
   deterministic: bool = True
@@ -157,6 +197,12 @@ class DiTBlock(nn.Module):
     sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(mod, 6, axis=-1)
     g_a, g_m = g_a + cfg.gate_init, g_m + cfg.gate_init
 
+    # ---- local mixing (optional): x += dwconv(norm(x)), zero-initialised taps
+    if cfg.local_conv:
+      y = RMSLayerNorm(cfg.param_dtype, name="ln_conv")(x)
+      x = x + _length_conv(self, y, cfg.local_conv, cfg.causal, pd).astype(x.dtype)
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
     # ---- attention
     y = RMSLayerNorm(cfg.param_dtype, name="ln_attn")(x)
     y = _modulate(y.astype(jnp.float32), sh_a, sc_a).astype(cfg.dtype)
@@ -165,8 +211,9 @@ class DiTBlock(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
-    pos = jnp.arange(x.shape[1])
-    q, k = rotary(q, pos), rotary(k, pos)
+    if cfg.rotary:
+      pos = jnp.arange(x.shape[1])
+      q, k = rotary(q, pos), rotary(k, pos)
     impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
     att = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=impl)
     att = nn.with_logical_constraint(att, ("batch", "length", "heads", "kv"))
@@ -212,6 +259,61 @@ class SubTokenEmbed(nn.Module):
     return jnp.einsum("bld,vd->blv", x, self.table[: self.cfg.vocab_size].astype(x.dtype))
 
 
+def cond_mlp(cfg: DiTConfig, t_in):
+  """Sinusoidal embedding of ``t_in`` then Dense-silu-Dense (``cond_in``, ``cond_out``): [B] -> [B, cond_dim].
+
+  Returns the pre-activation; ``dit_trunk`` applies silu (other front ends add a
+  class embedding first, as DiT does).
+  """
+  c = timestep_embedding(t_in, 256)
+  c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
+               kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
+               name="cond_in")(c)
+  c = nn.silu(c)
+  return nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
+                  kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
+                  name="cond_out")(c)
+
+
+def dit_blocks(cfg: DiTConfig, x, c, train: bool, num_layers: Optional[int] = None,
+               name: str = "blocks"):
+  """``num_layers`` (default ``cfg.num_layers``) DiTBlocks on [B, N, D] with conditioning c.
+
+  Scanned over layers (one submodule ``name``) or unrolled (``{name}_{i}``, with
+  ``name="blocks"`` giving the historical ``block_{i}``), optionally
+  rematerialised.  Call it from inside an ``nn.compact`` method.
+  """
+  n = cfg.num_layers if num_layers is None else int(num_layers)
+  block = DiTBlock
+  if cfg.remat != "none":
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if cfg.remat == "dots" else None)
+    block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
+  if n == 0:
+    return x
+  if cfg.scan_layers:
+    stack = nn.scan(block, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,), length=n,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, deterministic=not train, name=name)(x, c)
+  else:
+    prefix = "block" if name == "blocks" else name
+    for i in range(n):
+      x, _ = block(cfg, deterministic=not train, name=f"{prefix}_{i}")(x, c)
+  return x
+
+
+def final_adaln(cfg: DiTConfig, x, c, name: str = "final_adaLN", ln_name: str = "ln_final"):
+  """The output norm: RMS LayerNorm modulated (shift, scale) by c, zero-initialised."""
+  mod = nn.Dense(2 * cfg.d_model, param_dtype=cfg.param_dtype,
+                 kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
+                 name=name)(c)
+  shift, scale = jnp.split(mod, 2, axis=-1)
+  x = RMSLayerNorm(cfg.param_dtype, name=ln_name)(x)
+  return _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
+
+
 def dit_trunk(cfg: DiTConfig, x, t, train: bool):
   """Time conditioning, the DiTBlock stack and the final adaLN norm: [B, N, D] -> [B, N, D].
 
@@ -221,50 +323,28 @@ def dit_trunk(cfg: DiTConfig, x, t, train: bool):
   to that module, so parameter names are the same as if written inline.
   """
   tt = t if cfg.time_conditioning else jnp.zeros_like(t)
-  c = timestep_embedding(tt * 1000.0, 256)
-  c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
-               kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
-               name="cond_in")(c)
-  c = nn.silu(c)
-  c = nn.Dense(cfg.cond_dim, param_dtype=cfg.param_dtype,
-               kernel_init=_dense_init((None, "cond")), bias_init=_zeros(("cond",)),
-               name="cond_out")(c)
-  c = nn.silu(c)
-
-  block = DiTBlock
-  if cfg.remat != "none":
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if cfg.remat == "dots" else None)
-    block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
-  if cfg.scan_layers:
-    stack = nn.scan(block, variable_axes={"params": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast,), length=cfg.num_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(cfg, deterministic=not train, name="blocks")(x, c)
-  else:
-    for i in range(cfg.num_layers):
-      x, _ = block(cfg, deterministic=not train, name=f"block_{i}")(x, c)
-
-  mod = nn.Dense(2 * cfg.d_model, param_dtype=cfg.param_dtype,
-                 kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
-                 name="final_adaLN")(c)
-  shift, scale = jnp.split(mod, 2, axis=-1)
-  x = RMSLayerNorm(cfg.param_dtype, name="ln_final")(x)
-  x = _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
-  return x
+  c = nn.silu(cond_mlp(cfg, tt * 1000.0))
+  x = dit_blocks(cfg, x, c, train)
+  return final_adaln(cfg, x, c)
 
 
 class DiT(nn.Module):
   cfg: DiTConfig
 
   @nn.compact
-  def __call__(self, digits, t, train: bool = False):
+  def __call__(self, digits, t, train: bool = False, embed_noise=None):
+    """digits [B, L, ell] -> logits [B, L, V].
+
+    ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, d_model]: the token
+    embeddings are perturbed by ``perturb_embeddings`` (Di[M]O, ``mdm_jax/distill.py``).
+    """
     cfg = self.cfg
     if digits.ndim != 3 or digits.shape[-1] != cfg.ell:
       raise ValueError(f"DiT expects digits [B, L, ell={cfg.ell}], got {digits.shape}.")
     embed = SubTokenEmbed(cfg, name="embed")
     x = embed(digits)
+    if embed_noise is not None:
+      x = perturb_embeddings(x, *embed_noise)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     x = dit_trunk(cfg, x, t, train)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mdm_jax.models.dit import DiTConfig, _kernel, dit_trunk
+from mdm_jax.models.embed_noise import perturb_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,13 @@ class ImageDiT(nn.Module):
   cfg: ImageDiTConfig
 
   @nn.compact
-  def __call__(self, digits, t, train: bool = False):
+  def __call__(self, digits, t, train: bool = False, embed_noise=None):
+    """digits [B, L, ell] -> logits [B, L, V].
+
+    ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, pixel_dim]: every
+    pixel-channel embedding e becomes sigma * eps + sqrt(1 - sigma^2) * e before
+    patching (Di[M]O's token initialisation, ``mdm_jax/distill.py``).
+    """
     icfg, cfg = self.cfg, self.cfg.dit
     if digits.ndim != 3 or digits.shape[1] != icfg.seq_len or digits.shape[-1] != cfg.ell:
       raise ValueError(f"ImageDiT expects digits [B, {icfg.seq_len}, {cfg.ell}] for images "
@@ -98,6 +105,8 @@ class ImageDiT(nn.Module):
     e = jnp.take(table, digits, axis=0).reshape(b, icfg.seq_len, cfg.ell * sub)
     if icfg.pixel_dim - cfg.ell * sub:
       e = jnp.pad(e, ((0, 0), (0, 0), (0, icfg.pixel_dim - cfg.ell * sub)))
+    if embed_noise is not None:
+      e = perturb_embeddings(e, *embed_noise)
     x = patchify(e.astype(cfg.dtype), icfg.image_shape, p)
     w_in = _kernel(self, "patch_in", (x.shape[-1], cfg.d_model), (None, "embed"),
                    param_dtype=cfg.param_dtype)
