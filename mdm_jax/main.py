@@ -149,7 +149,7 @@ def parse_flags(argv):
               "file, see configs/base.py)")
     print(f"error: {flag + ': ' if flag else ''}{msg}{hint}", file=sys.stderr)
     print("usage: python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
-          "[--mode=train|eval|sample|prepare] [--config.KEY=VALUE ...]", file=sys.stderr)
+          "[--mode=train|eval|sample|prepare|distill] [--config.KEY=VALUE ...]", file=sys.stderr)
     sys.exit(2)
 
 

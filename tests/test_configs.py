@@ -54,6 +54,9 @@ def dit_param_count(config, vocab: int, base: int, ell: int) -> dict:
                + d * f + f * d      # MLP in / out
                + c * 6 * d + 6 * d  # adaLN modulation (kernel + bias)
                + 2 * d)             # two LayerNorm scales
+  w = int(m.get("local_conv", 0))
+  if w:
+    per_block += w * d + d          # local_conv taps + its norm scale
   cond = (256 * c + c) + (c * c + c)                 # time/constant embedding MLP
   final = (c * 2 * d + 2 * d) + d                    # final adaLN + LayerNorm scale
   embed = (base + 1) * (d // ell)                    # one shared digit table
