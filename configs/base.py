@@ -33,6 +33,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.prime.perm_seed = 0
   c.prime.loss = "marginal"           # marginal (valid bound, default) | joint (paper, NOT a bound)
   c.prime.carry_over = True           # restrict predictions to tokens consistent with observed digits
+  c.prime.chunk_point = 1.0           # v2 grouped noise: for t > this a token's digits are masked
+                                      # together in training (1 = Prime; eval is always independent)
 
   # ---------------------------------------------------------------- schedule
   c.schedule = ml_collections.ConfigDict()
@@ -61,6 +63,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.time_conditioning = False   # MDLM default: time-agnostic network (enables sampler caching)
   c.model.tie_embeddings = False      # only possible with prime.ell == 1
+  c.model.digit_merge = "concat"      # Prime input: concat (paper, D/ell per digit) | sum (v2)
+  c.model.per_slot_tables = False     # v2 "non-shared": one digit table per slot
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"      # xla | cudnn (passed to jax.nn.dot_product_attention)

@@ -10,7 +10,8 @@ array_record format (nothing is downloaded; see docs/images.md):
       --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Variants: those of fashion_mnist_mcdit (``arm=``, ``tiny``, ``patch=``, ``ratio=``,
-``lambda=``, ``n2c``, ``mask_token``, ``edm``, ``smoke``); ``tiny`` gives the 128-wide CPU
+``lambda=``, ``n2c``, ``mask_token``, ``context_t``, ``single_decoder``, ``c_only``,
+``edm``, ``smoke``); ``tiny`` gives the 128-wide CPU
 model over 4x4 patches.
 """
 

@@ -25,6 +25,10 @@ Variants (comma-separated after ':'):
   ratio=R  lambda=L   mask ratio r and λ_C (ablation sweeps)
   n2c                 mcdit with noisy visible context (noisy-to-clean ablation)
   mask_token          mcdit with a learned token instead of noisy masked patches (MAE-style)
+  context_t           mcdit with visible patches at a small level t_u = floor(u t), told to
+                      their tokens (model.context_time)
+  single_decoder      mcdit whose branch C decodes with D_n (no D_c)
+  c_only              single_decoder with gaussian.lambda_g = 0: C without G (collapse ablation)
   edm                 EDM formulation (σ-sampling, preconditioning, Heun sampler) instead of DDPM
   smoke               a seconds-long run on 256 images (tests)
 """
@@ -41,7 +45,7 @@ from configs.fashion_mnist_prime import add_image_keys  # noqa: E402
 
 ARM_DEFAULT_RATIO = {"dit": 0.0, "mdt": 0.3, "mcdit": 0.5}
 VARIANTS = {"arm", "tiny", "small", "patch", "ratio", "lambda", "n2c", "mask_token", "edm",
-            "smoke"}
+            "smoke", "context_t", "single_decoder", "c_only"}
 
 
 def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
@@ -59,6 +63,8 @@ def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
   m.side_depth = 1                    # mdt: side-interpolater blocks
   m.num_classes = int(num_classes)    # 0 = unconditional
   m.c2c_mask_token = False            # mcdit: learned token for masked inputs of branch C
+  m.shared_decoder = False            # mcdit ablation: branch C decodes with D_n (no D_c)
+  m.context_time = False              # mcdit: visible tokens of C embed their own noise level
   m.d_model, m.num_heads, m.mlp_ratio, m.cond_dim = 128, 4, 4, 128
   m.patch_size = 4
   m.gate_init = 0.0                   # adaLN-Zero
@@ -72,7 +78,10 @@ def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
   gc.edm_sigma_min, gc.edm_sigma_max, gc.edm_rho = 0.002, 80.0, 7.0
   gc.mask_ratio = 0.5                 # mdt / mcdit: K = round(r N) masked patches per image
   gc.lambda_c = 1.0                   # mcdit: L = L_G + λ_C L_C
-  gc.context = "clean"                # mcdit: clean (c2c) | noisy (n2c ablation)
+  gc.context = "clean"                # mcdit: clean (c2c) | noisy (n2c ablation) |
+                                      # small_t (context_t: visible at t_u ~ U[0, t); needs
+                                      # model.context_time)
+  gc.lambda_g = 1.0                   # mcdit: weight of L_G (0 with single_decoder: "C without G")
   gc.label_dropout = 0.1              # classifier-free guidance training
   gc.sampler = "ddim"                 # ddim | ddpm (form ddpm) | edm_heun (form edm)
   gc.ddim_eta = 0.0
@@ -125,6 +134,16 @@ def apply_gaussian_variants(c, arg: str):
     c.gaussian.context = "noisy"
   if opts.get("mask_token"):
     c.model.c2c_mask_token = True
+  if opts.get("context_t"):            # visible patches at a small noise level t_u < t
+    c.gaussian.context = "small_t"
+    c.model.context_time = True
+  if opts.get("single_decoder"):       # one decoder: branch C also decodes with D_n
+    c.model.shared_decoder = True
+    c.model.aux_decoder_depth = 0
+  if opts.get("c_only"):               # the collapse ablation: C without G, one decoder
+    c.model.shared_decoder = True
+    c.model.aux_decoder_depth = 0
+    c.gaussian.lambda_g = 0.0
   if opts.get("edm"):
     c.gaussian.form = "edm"
     c.gaussian.sampler = "edm_heun"

@@ -57,7 +57,10 @@ def compat_view(config_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 # Keys added after checkpoints already existed, with the value that means "as before": a
 # checkpoint without the key matches a run whose value is this default.
-COMPAT_DEFAULTS = {"model.local_conv": 0}
+COMPAT_DEFAULTS = {"model.local_conv": 0, "model.digit_merge": "concat",
+                   "model.per_slot_tables": False, "prime.chunk_point": 1.0,
+                   "model.shared_decoder": False, "model.context_time": False,
+                   "gaussian.lambda_g": 1.0}
 
 
 def config_mismatches(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, tuple]:

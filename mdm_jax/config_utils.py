@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+import sys
+from typing import Any, Callable, Dict, List
 
 import ml_collections
 
@@ -20,6 +21,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "training.loss_weighting": ("elbo", "flat"),
+    "model.digit_merge": ("concat", "sum"),
     "checkpoint.restore": ("latest", "best"),
     "sampling.confidence": ("prob", "max_prob", "margin", "neg_entropy"),
     "sampling.punt_confidence": ("prob", "max_prob", "margin", "neg_entropy"),
@@ -181,3 +183,40 @@ def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+
+
+def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]], List[str]]:
+  """An absl ``flags_parser`` for ``app.run`` that turns a bad ``--config`` file or
+  ``--config.KEY`` into one ``error:`` line, the usage line and exit status 2.
+
+  ml_collections raises KeyError/AttributeError (unknown key) or ValueError/TypeError (a value
+  of the wrong type, an unknown config variant) from deep inside flag parsing; the user should
+  see what to change, not a traceback.  Every command line that takes ``--config`` uses this.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  def parse(argv: List[str]) -> List[str]:
+    try:
+      args = flags.FLAGS(argv)
+      if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
+        _ = list(flags.FLAGS[config_flag].value.keys())   # a bad file raises when first read
+      return args
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+      # A config file that raised carries its whole traceback in the message: keep the last line.
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      msg = lines[-1] if lines else type(e).__name__
+      if isinstance(e, (KeyError, AttributeError)):
+        msg = f"unknown config key {msg.strip(chr(34) + chr(39))!r}"
+      flag = lines[0].split(":", 1)[0] if lines and lines[0].startswith("flag --") else ""
+      if flag and msg.startswith(flag):
+        flag = ""
+      overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith(f"--{config_flag}.")]
+      hint = ""
+      if isinstance(e, (KeyError, AttributeError)) and overrides:
+        hint = (f" (overrides given: {', '.join(overrides)}; a key must already exist in the "
+                "config file, see configs/base.py)")
+      print(f"error: {flag + ': ' if flag else ''}{msg}{hint}", file=sys.stderr)
+      print(f"usage: {usage}", file=sys.stderr)
+      sys.exit(2)
+
+  return parse

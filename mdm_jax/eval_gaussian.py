@@ -10,7 +10,11 @@
   weights against the test split, for each guidance weight w, with the same
   statistic for as many real training images as the noise floor;
 * ``--mode=flops``: XLA's FLOP count of one compiled train step (``cost_analysis``)
-  of the configured arm, for equal-FLOP comparisons.
+  of the configured arm, for equal-FLOP comparisons;
+* ``--mode=probes`` (arms with a clean branch): the context probe (D_c's inpainting MSE
+  with clean context at mask ratio 0.5) and the collapse probe (||ΔX̂0|| / ||Δinput|| on
+  the masked patches when their noise is redrawn) at the eval noise levels, on the
+  held-out batches; writes ``gaussian_probes_step_N.json``.
 
 Writes ``gaussian_eval_step_N.json`` and ``samples/fd_step_N_wW.png`` in the workdir.
 """
@@ -103,12 +107,50 @@ def evaluate_gaussian(config, workdir: str, classifier_path: str, num_samples: i
   return result
 
 
+def clean_branch_probes(config, workdir: str, ratio: float = 0.5) -> Dict[str, Any]:
+  """The context and collapse probes of branch C (``GaussianTask.clean_probes``), averaged
+  over ``eval.num_batches`` held-out batches, per eval noise level."""
+  from mdm_jax import train  # pylint: disable=import-outside-toplevel
+  task, state, mesh, rules, data, _ = train.restore_for_inference(config, workdir)
+  if getattr(task, "objective", "") != "gaussian" or not task.mc.has_clean_branch:
+    raise ValueError("--mode=probes needs an objective='gaussian' checkpoint with a clean "
+                     "branch (model.arm='mcdit').")
+  params = state.ema_params if config.eval.use_ema else state.params
+  fn = jax.jit(lambda p, tok, lab, key: task.clean_probes(p, tok, lab, key, ratio))
+  sums: Dict[str, np.ndarray] = {}
+  n = 0
+  key = jax.random.key(int(config.eval.seed))
+  batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches))
+  for i, batch in enumerate(batches):
+    out = fn(params, batch["tokens"], batch.get("labels"), jax.random.fold_in(key, i))
+    w = np.asarray(batch.get("weights", np.ones(batch["tokens"].shape[0])), np.float64)
+    for name, v in out.items():                       # padding rows have weight 0
+      sums[name] = sums.get(name, 0.0) + (np.asarray(v, np.float64) * w[None]).sum(axis=1)
+    n += int(w.sum())
+  if not n:
+    raise ValueError("--mode=probes: the eval split gave no batches.")
+  levels = [float(x) for x in task.eval_levels()]
+  step = int(state.step)
+  result = {"step": step, "arm": task.mc.arm, "mask_ratio": ratio, "num_images": n,
+            "levels": levels, "form": task.gc.form,
+            **{name: (v / n).tolist() for name, v in sums.items()}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"gaussian_probes_step_{step}.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   f = flags.FLAGS
   if f.mode == "flops":
     print(json.dumps(train_step_flops(f.config), indent=2))
+    return
+  if f.mode == "probes":
+    if not f.workdir:
+      raise SystemExit("error: --mode=probes needs --workdir.")
+    print(json.dumps(clean_branch_probes(f.config, os.path.abspath(f.workdir)), indent=2))
     return
   if not f.workdir or not f.classifier_path:
     raise SystemExit("error: --mode=evaluate needs --workdir and --classifier_path.")
@@ -124,7 +166,7 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "A Gaussian image config, e.g. "
                                   "configs/fashion_mnist_mcdit.py:arm=mcdit.", lock_config=False)
-  flags.DEFINE_enum("mode", "evaluate", ["evaluate", "flops"], "What to run.")
+  flags.DEFINE_enum("mode", "evaluate", ["evaluate", "flops", "probes"], "What to run.")
   flags.DEFINE_string("workdir", None, "The run's workdir.")
   flags.DEFINE_string("classifier_path", "", "Directory of the feature classifier.")
   flags.DEFINE_integer("num_samples", 0, "Samples per guidance weight (0 = eval.fd_num_samples).")
@@ -137,4 +179,6 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser(
+      "python -m mdm_jax.eval_gaussian --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"))

@@ -348,4 +348,6 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
   _define_flags()
-  app.run(main)
+  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser(
+      "python -m mdm_jax.eval_images --config=configs/NAME.py --workdir=DIR [--mode=...] [--config.KEY=VALUE ...]"))

@@ -45,6 +45,9 @@ from mdm_jax.models import build_model
 from mdm_jax.models.mc_dit import MCDiT, patchify_images, unpatchify_images
 
 
+CONTEXTS = ("clean", "noisy", "small_t")
+
+
 @dataclasses.dataclass(frozen=True)
 class GaussianConfig:
   form: str = "ddpm"                 # ddpm | edm
@@ -53,7 +56,8 @@ class GaussianConfig:
   edm: g.EDMConfig = g.EDMConfig()
   mask_ratio: float = 0.5            # mdt / mcdit
   lambda_c: float = 1.0              # mcdit: weight of L_C
-  context: str = "clean"             # mcdit: clean (c2c) | noisy (n2c ablation)
+  context: str = "clean"             # mcdit: clean (c2c) | noisy (n2c) | small_t (context_t)
+  lambda_g: float = 1.0              # mcdit: weight of L_G (0: "C without G")
   label_dropout: float = 0.1
   sampler: str = "ddim"              # ddim | ddpm (form ddpm); edm_heun (form edm)
   ddim_eta: float = 0.0
@@ -66,8 +70,10 @@ class GaussianConfig:
   def __post_init__(self):
     if self.form not in g.FORMS:
       raise ValueError(f"gaussian.form={self.form!r} must be one of {g.FORMS}.")
-    if self.context not in ("clean", "noisy"):
-      raise ValueError(f"gaussian.context={self.context!r} must be clean | noisy.")
+    if self.context not in CONTEXTS:
+      raise ValueError(f"gaussian.context={self.context!r} must be one of {CONTEXTS}.")
+    if self.lambda_g < 0:
+      raise ValueError(f"gaussian.lambda_g must be >= 0, got {self.lambda_g}.")
     g.num_masked(1, self.mask_ratio)       # range check
     if self.lambda_c < 0:
       raise ValueError(f"gaussian.lambda_c must be >= 0, got {self.lambda_c}.")
@@ -97,16 +103,26 @@ class Draws(NamedTuple):
   mask: jax.Array            # bool [B, N], exactly K True per row
   keep: jax.Array            # int32 [B, N-K], sorted kept indices
   drop: jax.Array            # bool [B]: label replaced by the null label
+  u_ctx: jax.Array           # [B] in [0, 1): context_t's level of the visible patches, t_u = u t
 
 
 def draw(key, row_ids, num_tokens: int, patch_dim: int, k: int, label_dropout: float) -> Draws:
   """Per-row draws from fold_in(key, row): microbatching does not change them."""
-  keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 4))(row_ids)
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+  keys = jax.vmap(lambda kk: jax.random.split(kk, 4))(row_keys)
   normal = jax.vmap(lambda kk: jax.random.normal(kk, (num_tokens, patch_dim), jnp.float32))
   mask, keep = g.token_masks(keys[:, 2], num_tokens, k)
   drop = jax.vmap(lambda kk: jax.random.uniform(kk) < label_dropout)(keys[:, 3])
+  u_ctx = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, 5)))(row_keys)
   return Draws(eps=normal(keys[:, 0]), eps_aux=normal(keys[:, 1]), mask=mask, keep=keep,
-               drop=drop)
+               drop=drop, u_ctx=u_ctx)
+
+
+def context_noise(gc: GaussianConfig, noise, u):
+  """context_t: the visible patches' level t_u = u * t (a DDPM step below t, or σ_u = u σ)."""
+  if gc.form == "ddpm":
+    return jnp.floor(u * noise.astype(jnp.float32)).astype(noise.dtype)
+  return jnp.maximum(u * noise, gc.edm.sigma_min)
 
 
 # ------------------------------------------------------------------ the two formulations
@@ -156,11 +172,21 @@ def arm_loss(arm: str, gc: GaussianConfig, sched: g.DDPMSchedule, fns: Branches,
     if fns.clean is None or gc.lambda_c == 0.0 or dr.keep.shape[1] == x0.shape[1]:
       return l_g, {"loss_g": l_g, "loss_aux": zero}        # K = 0 or λ_C = 0: L_C := 0
     x_noisy = net_input(gc, sched, x0, dr.eps_aux, noise)
-    context = x0 if gc.context == "clean" else net_input(gc, sched, x0, dr.eps, noise)
+    vis_level = None
+    if gc.context == "clean":
+      context = x0
+    elif gc.context == "noisy":
+      context = net_input(gc, sched, x0, dr.eps, noise)
+    else:                                                   # small_t
+      noise_u = context_noise(gc, noise, dr.u_ctx)
+      context = net_input(gc, sched, x0, dr.eps, noise_u)
+      vis_level = net_level(gc, noise_u)
     z = g.mix_clean_noisy(context, x_noisy, dr.mask)
-    x0_hat = fns.clean(params, z, ~dr.mask, level, y, train)
+    x0_hat = (fns.clean(params, z, ~dr.mask, level, y, train) if vis_level is None else
+              fns.clean(params, z, ~dr.mask, level, y, train, vis_level))
     l_c = g.masked_token_mse(x0_hat, x0, dr.mask)
-    return l_g + gc.lambda_c * l_c, {"loss_g": l_g, "loss_aux": l_c}
+    total = gc.lambda_c * l_c + (l_g if gc.lambda_g == 1.0 else gc.lambda_g * l_g)
+    return total, {"loss_g": l_g, "loss_aux": l_c}
   raise ValueError(f"model.arm={arm!r} is not one of dit | mdt | mcdit.")
 
 
@@ -216,8 +242,9 @@ class GaussianTask:
     def denoise(params, x, level, y, train=False):
       return m.apply({"params": params}, x, level, y, train, method=MCDiT.denoise)
 
-    def clean(params, z, visible, level, y, train=False):
-      return m.apply({"params": params}, z, visible, level, y, train, method=MCDiT.clean)
+    def clean(params, z, visible, level, y, train=False, visible_level=None):
+      return m.apply({"params": params}, z, visible, level, y, train, visible_level,
+                     method=MCDiT.clean)
 
     def mdt(params, x, keep, mask, level, y, train=False):
       return m.apply({"params": params}, x, keep, mask, level, y, train, method=MCDiT.mdt_masked)
@@ -285,6 +312,46 @@ class GaussianTask:
                          net_level(self.gc, noise), y, False)
       out.append(g_loss(self.gc, pred, x0, eps, noise))
     return jnp.stack(out)
+
+  def clean_probes(self, params, tokens, labels, key, ratio: float = 0.5):
+    """Branch C's probes (``mc_dit.md`` §5) at the fixed eval levels, each [nb, B]:
+
+    * ``inpaint_mse``: the context probe, D_c's masked-patch MSE of X̂0 against X0 with
+      clean context on round(ratio N) masked patches;
+    * ``noise_sensitivity``: the collapse probe, ||ΔX̂0|| / ||Δinput|| on the masked
+      patches when their noise ε' is redrawn (context and mask fixed).  Near 0 means
+      D_c ignores the noisy patches and copies from clean context.
+    """
+    mc, gc = self.mc, self.gc
+    fns = self.branches()
+    if fns.clean is None:
+      raise ValueError("clean_probes: this model has no clean branch (model.arm='mcdit' "
+                       "with a D_c or model.shared_decoder).")
+    x0 = self.images_to_patches(tokens)
+    b = x0.shape[0]
+    y = jnp.full((b,), mc.null_label, jnp.int32) if labels is None else labels.astype(jnp.int32)
+    k = g.num_masked(mc.num_patches, ratio)
+    k_mask, k_e1, k_e2 = jax.random.split(key, 3)
+    mask, _ = g.token_masks(jax.random.split(k_mask, b), mc.num_patches, k)
+    m = mask[..., None].astype(jnp.float32)
+    inpaint, sens = [], []
+    for i, lvl in enumerate(self.eval_levels()):
+      noise = jnp.full((b,), lvl)
+      level = net_level(gc, noise)
+      vis_level = net_level(gc, jnp.zeros_like(noise) if gc.form == "ddpm" else
+                            jnp.full((b,), gc.edm.sigma_min, noise.dtype))
+      outs, inputs = [], []
+      for k_e in (k_e1, k_e2):
+        eps = jax.random.normal(jax.random.fold_in(k_e, i), x0.shape, jnp.float32)
+        z = g.mix_clean_noisy(x0, net_input(gc, self.schedule, x0, eps, noise), mask)
+        extra = (vis_level,) if mc.context_time else ()
+        outs.append(fns.clean(params, z, ~mask, level, y, False, *extra))
+        inputs.append(z)
+      inpaint.append(g.masked_token_mse(outs[0], x0, mask))
+      d_out = jnp.sqrt(jnp.sum(jnp.square((outs[1] - outs[0]) * m), axis=(1, 2)))
+      d_in = jnp.sqrt(jnp.sum(jnp.square((inputs[1] - inputs[0]) * m), axis=(1, 2)))
+      sens.append(d_out / jnp.maximum(d_in, 1e-12))
+    return {"inpaint_mse": jnp.stack(inpaint), "noise_sensitivity": jnp.stack(sens)}
 
   def make_eval_step(self, config, mesh, rules, param_shardings):
     return _GaussianEval(self, config, mesh, rules, param_shardings)
@@ -426,7 +493,7 @@ def gaussian_config_from(config) -> GaussianConfig:
   return GaussianConfig(
       form=str(gcfg.form), schedule=str(gcfg.schedule), num_timesteps=int(gcfg.num_timesteps),
       edm=edm, mask_ratio=float(gcfg.mask_ratio), lambda_c=float(gcfg.lambda_c),
-      context=str(gcfg.context), label_dropout=float(gcfg.label_dropout),
+      context=str(gcfg.context), lambda_g=float(gcfg.get("lambda_g", 1.0)), label_dropout=float(gcfg.label_dropout),
       sampler=str(gcfg.sampler), ddim_eta=float(gcfg.ddim_eta),
       ddpm_variance=str(gcfg.ddpm_variance), guidance=float(gcfg.guidance),
       clip_x0=bool(gcfg.clip_x0), eval_buckets=int(gcfg.eval_buckets),
@@ -448,6 +515,12 @@ def build_gaussian_task(config, vocab_size: int) -> GaussianTask:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   mc = model.cfg
+  if (gc.context == "small_t") != mc.context_time:
+    raise ConfigError("gaussian.context='small_t' (context_t) and model.context_time=True go "
+                      "together: the visible tokens must be told their noise level (use the "
+                      "config variant :context_t).")
+  if gc.lambda_g != 1.0 and mc.arm != "mcdit":
+    raise ConfigError(f"gaussian.lambda_g is an mcdit option (model.arm={mc.arm!r}).")
   if float(config.model.dropout) != 0.0:
     raise ConfigError("objective='gaussian' does not support model.dropout; set it to 0.")
   h, w, c = mc.image_shape

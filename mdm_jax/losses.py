@@ -59,6 +59,8 @@ class DiffusionLossConfig:
   t_min: float = 1e-3
   antithetic: bool = True
   weighting: str = "elbo"         # elbo | flat (training only; evaluation is always elbo)
+  chunk_point: float = 1.0        # grouped noise (Prime v2): for t > chunk_point a token's
+                                  # digits are masked together; 1 = independent (Prime)
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:
@@ -66,6 +68,8 @@ class DiffusionLossConfig:
                        f"got {self.weighting!r}.")
     if self.form not in LOSS_FORMS:
       raise ValueError(f"prime.loss must be one of {LOSS_FORMS}, got {self.form!r}.")
+    if not 0.0 <= self.chunk_point <= 1.0:
+      raise ValueError(f"prime.chunk_point must be in [0, 1], got {self.chunk_point}.")
     if not 0.0 < self.t_min < 1.0:
       raise ValueError(f"training.t_min must be in (0, 1), got {self.t_min}.")
 
@@ -160,13 +164,15 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   if t is None:
     t = sample_times(k_t, bsz, cfg.t_min, cfg.antithetic)
   digits = codec.encode(tokens)
+  grouped = (t > cfg.chunk_point) if cfg.chunk_point < 1.0 and codec.ell > 1 else None
   if row_ids is None:
-    noisy = prime_lib.mask_digits(k_m, digits, schedule.mask_prob(t), codec.mask_id)
+    noisy = prime_lib.mask_digits(k_m, digits, schedule.mask_prob(t), codec.mask_id, grouped)
   else:
     k_net = jax.random.fold_in(k_net, row_ids[0])   # dropout differs per microbatch
-    noisy = jax.vmap(lambda r, d, p: prime_lib.mask_digits(
-        jax.random.fold_in(k_m, r), d[None], p[None], codec.mask_id)[0])(
-            row_ids, digits, schedule.mask_prob(t))
+    g = jnp.zeros((bsz,), bool) if grouped is None else grouped
+    noisy = jax.vmap(lambda r, d, p, gr: prime_lib.mask_digits(
+        jax.random.fold_in(k_m, r), d[None], p[None], codec.mask_id, gr[None])[0])(
+            row_ids, digits, schedule.mask_prob(t), g)
   logits = apply_fn(params, noisy, t, train=train, rng=k_net)
   chex.assert_shape(logits, (bsz, length, codec.vocab_size))
   nll = prime_token_nll(logits, noisy, digits, codec, cfg.form, cfg.carry_over)
@@ -239,9 +245,10 @@ def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *
 
   The K * B times jointly cover [t_min, 1] in K * B strata (one shared
   uniform offset), with one network call per k.  Always evaluates the
-  *marginal* (valid) bound, whatever form was used for training.
+  *marginal* (valid) bound with independent digit masking, whatever form or
+  grouped noise (``chunk_point``) was used for training.
   """
-  bound_cfg = dataclasses.replace(cfg, form="marginal", weighting="elbo")
+  bound_cfg = dataclasses.replace(cfg, form="marginal", weighting="elbo", chunk_point=1.0)
   bsz = tokens.shape[0]
   k_u, k_rest = jax.random.split(key)
   keys = jax.random.split(k_rest, num_time_samples)

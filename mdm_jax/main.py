@@ -22,6 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mdm_jax import config_utils
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (e.g. configs/shakespeare_prime.py).",
     lock_config=True)
@@ -121,36 +123,9 @@ def main(argv):
   print(json.dumps(result, indent=2, default=str))
 
 
-def parse_flags(argv):
-  """absl flag parsing that turns a bad ``--config`` file or ``--config.KEY`` into one clear line.
-
-  ml_collections raises KeyError/AttributeError (unknown key) or ValueError/TypeError (a value
-  of the wrong type, an unknown config variant) from deep inside flag parsing; the user should
-  see what to change, not a traceback.
-  """
-  try:
-    args = flags.FLAGS(argv)
-    if _CONFIG.value is not None:  # a config file that failed to load raises only when first read
-      _ = list(_CONFIG.value.keys())
-    return args
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
-    # A config file that raised carries its whole traceback in the message: keep the last line.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    msg = lines[-1] if lines else type(e).__name__
-    if isinstance(e, (KeyError, AttributeError)):
-      msg = f"unknown config key {msg.strip(chr(34) + chr(39))!r}"
-    flag = lines[0].split(":", 1)[0] if lines and lines[0].startswith("flag --") else ""
-    if flag and msg.startswith(flag):
-      flag = ""
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    hint = ""
-    if isinstance(e, (KeyError, AttributeError)) and overrides:
-      hint = (f" (overrides given: {', '.join(overrides)}; a key must already exist in the config "
-              "file, see configs/base.py)")
-    print(f"error: {flag + ': ' if flag else ''}{msg}{hint}", file=sys.stderr)
-    print("usage: python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
-          "[--mode=train|eval|sample|prepare|distill] [--config.KEY=VALUE ...]", file=sys.stderr)
-    sys.exit(2)
+parse_flags = config_utils.flags_parser(
+    "python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
+    "[--mode=train|eval|sample|prepare|distill] [--config.KEY=VALUE ...]")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def codec_from_config(vocab_size: int, prime_config) -> PrimeCodec:
 
 
 def mask_digits(key: jax.Array, digits: jax.Array, mask_prob: jax.Array,
-                mask_id: int) -> jax.Array:
+                mask_id: int, grouped: Optional[jax.Array] = None) -> jax.Array:
   """The forward process: each digit is masked independently with mask_prob.
 
   Args:
@@ -244,6 +244,9 @@ def mask_digits(key: jax.Array, digits: jax.Array, mask_prob: jax.Array,
     mask_prob: [B] per-sequence masking probability 1 - alpha(t) (or any shape
       broadcastable to digits).
     mask_id: the mask integer (codec.mask_id).
+    grouped: optional bool [B]: where true, the ell digits of each token share one
+      uniform draw, so the token is masked all or nothing (Prime v2's grouped
+      noise, ``prime.chunk_point``); each digit is still masked with mask_prob.
   Returns:
     int32 [B, L, ell] noisy digits.
   """
@@ -251,4 +254,9 @@ def mask_digits(key: jax.Array, digits: jax.Array, mask_prob: jax.Array,
   if mask_prob.ndim == 1:
     mask_prob = mask_prob[:, None, None]
   u = jax.random.uniform(key, digits.shape, jnp.float32)
+  if grouped is not None:
+    grouped = jnp.asarray(grouped, bool)
+    if grouped.ndim == 1:
+      grouped = grouped[:, None, None]
+    u = jnp.where(grouped, u[..., :1], u)
   return jnp.where(u < mask_prob, mask_id, digits).astype(jnp.int32)

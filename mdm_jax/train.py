@@ -112,8 +112,12 @@ def build_task(config, vocab_size: int) -> Task:
   loss_cfg = losses.DiffusionLossConfig(
       form=config.prime.loss, carry_over=bool(config.prime.carry_over),
       t_min=float(config.training.t_min), antithetic=bool(config.training.antithetic),
-      weighting=str(config.training.get("loss_weighting", "elbo")))
+      weighting=str(config.training.get("loss_weighting", "elbo")),
+      chunk_point=float(config.prime.get("chunk_point", 1.0)))
   schedule = get_schedule(config.schedule)
+  if multivariate.is_multivariate(schedule) and loss_cfg.chunk_point < 1.0:
+    raise ValueError("prime.chunk_point < 1 (grouped noise) needs a univariate schedule; "
+                     f"schedule.name={config.schedule.name!r} masks per position.")
   if multivariate.is_multivariate(schedule):   # learned schedule parameters join the model's
     model = multivariate.attach(model, schedule)
   return Task(objective=config.objective, codec=codec, schedule=schedule,

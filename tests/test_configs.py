@@ -59,7 +59,8 @@ def dit_param_count(config, vocab: int, base: int, ell: int) -> dict:
     per_block += w * d + d          # local_conv taps + its norm scale
   cond = (256 * c + c) + (c * c + c)                 # time/constant embedding MLP
   final = (c * 2 * d + 2 * d) + d                    # final adaLN + LayerNorm scale
-  embed = (base + 1) * (d // ell)                    # one shared digit table
+  rows = (base + 1) * (ell if m.get("per_slot_tables", False) else 1)
+  embed = rows * (d if m.get("digit_merge", "concat") == "sum" else d // ell)   # digit table(s)
   head = 0 if m.tie_embeddings else d * vocab
   return {"body": L * per_block + cond + final, "embed": embed, "head": head,
           "total": L * per_block + cond + final + embed + head}

@@ -102,3 +102,19 @@ def test_clear_errors(tmp_path):
   p = _run([cfg, f"--workdir={tmp_path}/d", "--config.data.dataset=text_files",
             f"--config.data.path={tmp_path}/nothing*.txt"], expect_ok=False)
   assert p.returncode == 2 and "nothing" in p.stderr
+
+
+@pytest.mark.parametrize("module,cfg", [
+    ("mdm_jax.eval_images", "configs/fashion_mnist_prime.py"),
+    ("mdm_jax.eval_gaussian", "configs/fashion_mnist_mcdit.py"),
+    ("mdm_jax.benchmarks.train_bench", "configs/shakespeare_prime.py"),
+    ("mdm_jax.benchmarks.collectives", "configs/owt_prime.py"),
+    ("mdm_jax.benchmarks.prime_study", "configs/shakespeare_prime.py"),
+    ("mdm_jax.benchmarks.sampler_table", "configs/shakespeare_prime.py")])
+def test_every_config_cli_reports_a_bad_key_in_one_line(module, cfg):
+  proc = subprocess.run([sys.executable, "-m", module, f"--config={cfg}",
+                         "--config.model.no_such_key=1"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "unknown config key 'no_such_key'" in proc.stderr and "Traceback" not in proc.stderr
+  assert f"usage: python -m {module}" in proc.stderr

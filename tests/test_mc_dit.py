@@ -399,3 +399,90 @@ def test_configs_build_abstractly(name, arg):
   if name.startswith("cifar"):
     assert task.mc.num_patches == 256 and d == 384 and c.model.dtype == "bfloat16"
   config_utils.validate_batch(c, shd.make_mesh(c.mesh, jax.devices()[:8]))
+
+
+# ------------------------------------------------------------------ ablations and probes
+def test_context_t_noises_visible_patches_below_t_and_tells_their_level():
+  """context_t: visible patches are X at t_u = floor(u t) < t (with G's ε), the masked ones at t
+  (with ε'), and branch C receives t_u's level for the visible tokens."""
+  task, _ = _task("mcdit,context_t")
+  assert task.gc.context == "small_t" and task.mc.context_time
+  x0 = task.images_to_patches(_batch()[0])
+  dr = _draws(4, 49, 16, 25)
+  steps = jnp.array([50, 300, 600, 950])
+  seen = {}
+
+  def clean(params, z, visible, level, y, train=False, visible_level=None):
+    seen.update(z=z, visible=visible, level=level, visible_level=visible_level)
+    return jnp.zeros_like(z)
+
+  fns = gt.Branches(denoise=lambda p, x, lvl, y, train=False: jnp.zeros_like(x), clean=clean)
+  gt.arm_loss("mcdit", task.gc, task.schedule, fns, None, x0, jnp.zeros(4, jnp.int32), steps, dr)
+  t_u = jnp.floor(dr.u_ctx * steps).astype(steps.dtype)
+  assert np.all(np.asarray(t_u) < np.asarray(steps))
+  want_vis = g.q_sample(task.schedule, x0, t_u, dr.eps)
+  want_msk = g.q_sample(task.schedule, x0, steps, dr.eps_aux)
+  vis = np.asarray(seen["visible"])[..., None]
+  np.testing.assert_array_equal(np.asarray(seen["z"]),
+                                np.where(vis, np.asarray(want_vis), np.asarray(want_msk)))
+  np.testing.assert_array_equal(np.asarray(seen["visible_level"]), np.asarray(t_u, np.float32))
+  np.testing.assert_array_equal(np.asarray(seen["level"]), np.asarray(steps, np.float32))
+  # The level projection starts at zero, then changes branch C's output (and only C's).
+  params = _params(task)
+  assert float(jnp.abs(params["ctx_time"]).max()) == 0.0
+  z, vis_m = x0, jnp.arange(49)[None].repeat(4, 0) < 24
+  run = jax.jit(lambda p, vl: task.model.apply({"params": p}, z, vis_m, steps * 1.0, None, False,
+                                               vl, method=MCDiT.clean))
+  p2 = dict(_perturb(params))
+  a, b = run(p2, jnp.zeros(4)), run(p2, jnp.full((4,), 40.0))
+  assert not np.allclose(np.asarray(a), np.asarray(b))
+  with pytest.raises(Exception, match="context_time"):
+    c = _config("arm=mcdit,smoke")
+    c.gaussian.context = "small_t"
+    train.build_task(c, 256)
+
+
+def test_single_decoder_and_c_without_g():
+  """single_decoder: branch C decodes with D_n (no D_c parameters); with no visible patch its
+  output is exactly the sampling path's.  c_only (λ_G = 0): the loss is λ_C L_C alone."""
+  task, _ = _task("mcdit,c_only")
+  params = _perturb(_params(task))
+  assert not any(k.startswith("dc") for k in params) and task.gc.lambda_g == 0.0
+  x = jax.random.normal(jax.random.key(1), (3, 49, 16))
+  lvl, y = jnp.array([5.0, 400.0, 900.0]), jnp.array([1, 2, 10])
+  none_visible = jnp.zeros((3, 49), bool)
+  c_out = task.model.apply({"params": params}, x, none_visible, lvl, y, method=MCDiT.clean)
+  d_out = task.model.apply({"params": params}, x, lvl, y, method=MCDiT.denoise)
+  np.testing.assert_allclose(np.asarray(c_out), np.asarray(d_out), rtol=1e-5, atol=1e-6)
+  tokens, labels = _batch()
+  x0 = task.images_to_patches(tokens)
+  dr = _draws(4, 49, 16, 25)
+  steps = jnp.array([50, 300, 600, 950])
+  total, parts = gt.arm_loss("mcdit", task.gc, task.schedule, task.branches(), params, x0,
+                             labels, steps, dr)
+  np.testing.assert_allclose(np.asarray(total), np.asarray(task.gc.lambda_c * parts["loss_aux"]),
+                             rtol=1e-6)
+  assert float(jnp.min(parts["loss_g"])) > 0.0       # L_G is still measured, not trained
+
+
+def test_clean_branch_probes_on_known_maps(monkeypatch):
+  """The collapse probe is 1 for a branch C that returns its input and 0 for one that ignores
+  the masked patches; the context probe is the masked-patch MSE of the output."""
+  task, _ = _task("mcdit")
+  tokens, labels = _batch()
+  x0 = task.images_to_patches(tokens)
+  for name, fn, sens in [("identity", lambda p, z, vis, lvl, y, train=False: z, 1.0),
+                         ("ignores", lambda p, z, vis, lvl, y, train=False:
+                          jnp.where(vis[..., None], z, 0.25), 0.0)]:
+    monkeypatch.setattr(gt.GaussianTask, "branches",
+                        lambda self, fn=fn: gt.Branches(denoise=None, clean=fn))
+    out = task.clean_probes(None, tokens, labels, jax.random.key(0), ratio=0.5)
+    nb = int(task.gc.eval_buckets)
+    assert out["inpaint_mse"].shape == (nb, 4) and out["noise_sensitivity"].shape == (nb, 4)
+    np.testing.assert_allclose(np.asarray(out["noise_sensitivity"]), sens, atol=1e-6)
+    mse = np.asarray(out["inpaint_mse"])
+    if name == "ignores":      # a constant guess: the same error at every noise level
+      np.testing.assert_allclose(mse, np.broadcast_to(mse[:1], mse.shape), rtol=1e-6)
+      assert mse.min() > 0.0
+    else:                      # copying the noisy patch: the error grows with the noise level
+      assert np.all(np.diff(mse.mean(axis=1)) > 0)

@@ -37,6 +37,42 @@ def test_subtoken_embedding_locality(ell, d):
   assert params["params"]["table"].shape == (9, w)
 
 
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_sum_embedding_locality_and_tables(per_slot):
+  ell, b = 3, 8
+  cfg = DiTConfig(vocab_size=60, ell=ell, base=b, d_model=48, num_heads=2,
+                  digit_merge="sum", per_slot_tables=per_slot)
+  emb = SubTokenEmbed(cfg)
+  digits = jnp.asarray(np.random.default_rng(0).integers(0, b + 1, (2, 5, ell)))
+  params = nn.unbox(emb.init(jax.random.key(0), digits))
+  table = np.asarray(params["params"]["table"])
+  assert table.shape == ((b + 1) * (ell if per_slot else 1), 48)
+  out = np.asarray(emb.apply(params, digits))
+  rows = np.asarray(digits) + (np.arange(ell) * (b + 1) if per_slot else 0)
+  np.testing.assert_allclose(out, table[rows].sum(axis=2), rtol=1e-6, atol=1e-7)
+  changed = digits.at[1, 3, 0].set((digits[1, 3, 0] + 1) % (b + 1))
+  diff = np.abs(np.asarray(emb.apply(params, changed)) - out).max(axis=-1) > 0
+  assert diff[1, 3] and diff.sum() == 1          # only that token's vector moved
+  # The same digit in two slots: one vector when shared, two when per slot.
+  same = jnp.full((1, 1, ell), 2)
+  e0 = np.asarray(emb.apply(params, same))[0, 0]
+  rows = 2 + np.arange(ell) * (b + 1 if per_slot else 0)
+  np.testing.assert_allclose(e0, table[rows].sum(0), rtol=1e-6)
+
+
+def test_embedding_options_validated_and_model_runs():
+  with pytest.raises(ValueError, match="digit_merge"):
+    DiTConfig(vocab_size=60, ell=2, base=8, d_model=48, num_heads=2, digit_merge="mean")
+  with pytest.raises(ValueError, match="tie_embeddings"):
+    DiTConfig(vocab_size=60, ell=1, base=60, d_model=48, num_heads=2, tie_embeddings=True,
+              digit_merge="sum")
+  model = build_model(_cfg(digit_merge="sum", per_slot_tables=True), vocab_size=64, ell=2,
+                      base=8, causal=False)
+  digits = jnp.zeros((2, 6, 2), jnp.int32)
+  params = model.init(jax.random.key(0), digits, jnp.full((2,), 0.5))
+  assert model.apply(params, digits, jnp.full((2,), 0.5)).shape == (2, 6, 64)
+
+
 def test_causal_vs_bidirectional_and_shapes():
   for causal in (False, True):
     m = build_model(_cfg(), vocab_size=30, ell=1, base=30, causal=causal)

@@ -78,6 +78,23 @@ def test_masking_probability_and_independence():
     assert np.all(np.where(~m, np.asarray(noisy) == np.asarray(digits), True))
 
 
+def test_grouped_masking_all_or_nothing_per_token():
+  c = prime.PrimeCodec.create(84, 3)
+  digits = jnp.asarray(c.encode(np.random.default_rng(0).integers(0, 84, (400, 64))))
+  p = jnp.where(jnp.arange(400) % 2 == 0, 0.3, 0.7)
+  grouped = jnp.arange(400) < 200
+  m = np.asarray(prime.mask_digits(jax.random.key(3), digits, p, c.mask_id, grouped)
+                 == c.mask_id)
+  g, ind = m[:200], m[200:]
+  assert np.all(g.all(-1) | ~g.any(-1))                 # whole tokens masked or not
+  partial = ind.any(-1) & ~ind.all(-1)
+  assert partial.mean() > 0.3                            # independent rows do mix
+  for rows, q in ((slice(0, 200, 2), 0.3), (slice(1, 200, 2), 0.7),
+                  (slice(200, 400, 2), 0.3), (slice(201, 400, 2), 0.7)):
+    frac, n = m[rows].mean(), m[rows].size / 3           # per-digit probability unchanged
+    assert abs(frac - q) <= 4 * np.sqrt(q * (1 - q) / n)
+
+
 def _brute_consistent(c, noisy):
   table = c.digit_table()
   out = np.ones(noisy.shape[:-1] + (c.vocab_size,), bool)

@@ -288,6 +288,24 @@ def test_prompt_and_infill_fixed_and_reveals_monotone():
   assert not np.any(states[-1] == codec.mask_id)
 
 
+def test_grouped_reveal_above_chunk_point():
+  """chunk_point = c: while t > c a token's digits are revealed together, below it one by
+  one.  c = 0 never shows a partly revealed token; c = 1 (Prime) does."""
+  v, ell, b, length, num_steps = 20, 3, 8, 12, 16
+  codec = PrimeCodec.create(v, ell)
+  ts = np.asarray(sampling.ancestral.time_grid(num_steps, EPS))
+  early = ts[:num_steps] > 0.5
+  for c, expect_partial_early in ((0.0, False), (0.5, False), (1.0, True)):
+    res = run_ancestral(random_apply_fn(codec), codec, rkey(3), batch_size=b, seq_len=length,
+                        num_steps=num_steps, return_trajectory=True, chunk_point=c)
+    traj = np.asarray(res.trajectory)[1:]            # states after steps at t = ts[k]
+    m = traj == codec.mask_id
+    partial = m.any(-1) & ~m.all(-1)                 # [T, B, L]
+    assert partial[early].any() == expect_partial_early, c
+    assert partial[~early].any() == (c > 0)          # below c digits go one by one again
+    assert not np.any(np.asarray(res.digits) == codec.mask_id)
+
+
 def test_ar_prompt_fixed():
   v, length, plen = 5, 6, 2
   def ar_fn(params, inputs, t, *, train=False, rng=None):
@@ -302,7 +320,7 @@ def test_ar_prompt_fixed():
 
 
 # --------------------------------------------------------------------------- 5. NFE / idle
-def nfe_idle_runs(ell, vocab, length, num_steps, runs=2000):
+def nfe_idle_runs(ell, vocab, length, num_steps, runs=800):
   codec = PrimeCodec.create(vocab, ell)
   fn = functools.partial(sampling.ancestral_sample, dummy_apply_fn(vocab), None, codec=codec,
                          schedule=linear(), batch_size=1, seq_len=length, num_steps=num_steps,

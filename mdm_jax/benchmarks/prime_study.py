@@ -269,4 +269,6 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser(
+      "python -m mdm_jax.benchmarks.prime_study --config=configs/NAME.py --out=DIR [--config.KEY=VALUE ...]"))

@@ -107,4 +107,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=flags_parser(
+      "python -m mdm_jax.benchmarks.sampler_table --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"))

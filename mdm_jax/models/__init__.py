@@ -24,7 +24,9 @@ def _dit(model_config, vocab_size: int, ell: int, base: int, causal: bool):
       attention_impl=model_config.attention_impl,
       scan_layers=bool(model_config.scan_layers), remat=str(model_config.remat),
       gate_init=float(model_config.get("gate_init", 0.0)),
-      local_conv=int(model_config.get("local_conv", 0))))
+      local_conv=int(model_config.get("local_conv", 0)),
+      digit_merge=str(model_config.get("digit_merge", "concat")),
+      per_slot_tables=bool(model_config.get("per_slot_tables", False))))
 
 
 @MODELS.register("image_dit")
@@ -54,7 +56,9 @@ def _mc_dit(model_config, vocab_size: int, ell: int, base: int, causal: bool):
       dit=dit, image_shape=tuple(int(s) for s in mc.image_shape), patch_size=int(mc.patch_size),
       arm=str(mc.arm), n_encoder=int(mc.n_encoder), n_decoder=int(mc.n_decoder),
       aux_decoder_depth=int(mc.aux_decoder_depth), side_depth=int(mc.side_depth),
-      num_classes=int(mc.num_classes), c2c_mask_token=bool(mc.c2c_mask_token)))
+      num_classes=int(mc.num_classes), c2c_mask_token=bool(mc.c2c_mask_token),
+      shared_decoder=bool(mc.get("shared_decoder", False)),
+      context_time=bool(mc.get("context_time", False))))
 
 
 def build_model(model_config, *, vocab_size: int, ell: int, base: int, causal: bool = False):

@@ -69,6 +69,11 @@ class DiTConfig:
                                          # it starts as the identity.  Hands each position
                                          # its neighbours directly: a masked token need not
                                          # wait for attention to learn to look next door
+  digit_merge: str = "concat"            # Prime input layer: "concat" (the paper: each digit
+                                         # a D/ell-wide slice) | "sum" (v2: each digit a full
+                                         # D-wide vector, summed over the ell slots)
+  per_slot_tables: bool = False          # v2 "non-shared": one table per digit slot instead
+                                         # of one table shared by all slots
 
   def __post_init__(self):
     if self.d_model < self.ell:
@@ -84,6 +89,11 @@ class DiTConfig:
     if self.local_conv < 0 or (self.local_conv and not self.causal and self.local_conv % 2 == 0):
       raise ValueError(f"model.local_conv={self.local_conv} must be 0 (off) or a positive odd "
                        "width (a centred kernel; the causal AR model also accepts even widths).")
+    if self.digit_merge not in ("concat", "sum"):
+      raise ValueError(f"model.digit_merge must be concat|sum, got {self.digit_merge!r}.")
+    if self.tie_embeddings and (self.digit_merge != "concat" or self.per_slot_tables):
+      raise ValueError("model.tie_embeddings needs the plain input table "
+                       "(model.digit_merge='concat', model.per_slot_tables=False).")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
     if self.attention_impl not in (None, "xla", "cudnn"):
@@ -236,23 +246,38 @@ class DiTBlock(nn.Module):
 
 
 class SubTokenEmbed(nn.Module):
-  """Prime's partially-masked input layer: [B, L, ell] digits -> [B, L, D]."""
+  """Prime's partially-masked input layer: [B, L, ell] digits -> [B, L, D].
+
+  Each digit (or the mask, row b) indexes a table.  ``digit_merge="concat"`` (the
+  paper) gives each slot a D/ell-wide vector and concatenates them, so a slot is
+  told apart by where its vector lands (zero-padded up to D when ell does not
+  divide D); ``"sum"`` gives each a D-wide vector and sums them.  With
+  ``per_slot_tables`` slot j reads its own rows (offset j * (b + 1)) of one table.
+  Changing digit j of token i only changes token i's vector either way.
+  """
   cfg: DiTConfig
 
   def setup(self):
     cfg = self.cfg
+    rows = (cfg.base + 1) * (cfg.ell if cfg.per_slot_tables else 1)
+    width = cfg.d_model if cfg.digit_merge == "sum" else cfg.d_model // cfg.ell
     self.table = self.param(
         "table", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        (cfg.base + 1, cfg.d_model // cfg.ell), cfg.param_dtype)
+        (rows, width), cfg.param_dtype)
 
   def __call__(self, digits):
+    cfg = self.cfg
     b, l, ell = digits.shape
-    e = jnp.take(self.table, digits, axis=0)            # [B, L, ell, D//ell]
+    if cfg.per_slot_tables:
+      digits = digits + (cfg.base + 1) * jnp.arange(ell, dtype=digits.dtype)
+    e = jnp.take(self.table, digits, axis=0)            # [B, L, ell, width]
+    if cfg.digit_merge == "sum":
+      return jnp.sum(e, axis=2).astype(cfg.dtype)
     e = e.reshape(b, l, ell * e.shape[-1])
-    pad = self.cfg.d_model - e.shape[-1]
+    pad = cfg.d_model - e.shape[-1]
     if pad:
       e = jnp.pad(e, ((0, 0), (0, 0), (0, pad)))
-    return e.astype(self.cfg.dtype)
+    return e.astype(cfg.dtype)
 
   def attend(self, x):
     """Tied head (ell == 1 only): logits against the first V rows."""

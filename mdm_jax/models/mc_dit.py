@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdm_jax.models.dit import DiTConfig, _kernel, cond_mlp, dit_blocks, final_adaln
+from mdm_jax.models.dit import (DiTConfig, _kernel, cond_mlp, dit_blocks, final_adaln,
+                                timestep_embedding)
 from mdm_jax.models.image_dit import patchify, unpatchify
 
 ARMS = ("dit", "mdt", "mcdit")
@@ -58,6 +59,9 @@ class MCDiTConfig:
   side_depth: int = 1               # mdt: side-interpolater blocks
   num_classes: int = 10             # 0 = unconditional (only the null label)
   c2c_mask_token: bool = False      # mcdit: masked inputs of branch C are a learned token
+  shared_decoder: bool = False      # mcdit ablation: branch C decodes with D_n (one decoder)
+  context_time: bool = False        # mcdit, context_t: visible tokens of branch C get an
+                                    # added embedding of their own (small) noise level
 
   def __post_init__(self):
     h, w, _ = self.image_shape
@@ -75,6 +79,9 @@ class MCDiTConfig:
                        "positions).")
     if self.dit.causal:
       raise ValueError("mc_dit is a bidirectional diffusion backbone.")
+    if (self.shared_decoder or self.context_time) and self.arm != "mcdit":
+      raise ValueError("model.shared_decoder and model.context_time are mcdit options "
+                       f"(model.arm={self.arm!r}).")
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -90,7 +97,7 @@ class MCDiTConfig:
 
   @property
   def has_clean_branch(self) -> bool:
-    return self.arm == "mcdit" and self.aux_decoder_depth > 0
+    return self.arm == "mcdit" and (self.aux_decoder_depth > 0 or self.shared_decoder)
 
   @property
   def null_label(self) -> int:
@@ -199,9 +206,14 @@ class MCDiT(nn.Module):
     if mc.has_clean_branch:
       self.e_clean = self.param("e_clean", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), cfg.param_dtype)
-      self.dc_pos = self.param("dc_decoder_pos_embed", nn.with_logical_partitioning(
-          sincos_init, (None, "embed")), (n, cfg.d_model), cfg.param_dtype)
-      self.dc = _Decoder(mc, mc.aux_decoder_depth)
+      if not mc.shared_decoder:
+        self.dc_pos = self.param("dc_decoder_pos_embed", nn.with_logical_partitioning(
+            sincos_init, (None, "embed")), (n, cfg.d_model), cfg.param_dtype)
+        self.dc = _Decoder(mc, mc.aux_decoder_depth)
+      if mc.context_time:
+        self.ctx_time = self.param("ctx_time", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None, "embed")), (cfg.d_model, cfg.d_model),
+            cfg.param_dtype)
       if mc.c2c_mask_token:
         self.c2c_token = self.param("c2c_mask_token", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("embed",)), (cfg.d_model,), cfg.param_dtype)
@@ -226,8 +238,13 @@ class MCDiT(nn.Module):
     h = h + self.dn_pos[None].astype(h.dtype)
     return self.dn(h, c, train)
 
-  def clean(self, z, visible, level, y=None, train: bool = False):
-    """Branch C: mixed patches Z [B, N, P] (clean where ``visible``) -> X̂0 [B, N, P] via E + D_c."""
+  def clean(self, z, visible, level, y=None, train: bool = False, visible_level=None):
+    """Branch C: mixed patches Z [B, N, P] (clean where ``visible``) -> X̂0 [B, N, P] via E + D_c.
+
+    ``visible_level`` [B] (``context_time``): the visible patches' own noise level, told to
+    their tokens by an added (zero-initialised) projection of its sinusoidal embedding.
+    With ``shared_decoder`` D_c is D_n (its positions, blocks and head).
+    """
     if not self.cfg.has_clean_branch:
       raise ValueError("clean(): this MCDiT has no clean branch (arm != 'mcdit' or "
                        "aux_decoder_depth == 0).")
@@ -238,7 +255,15 @@ class MCDiT(nn.Module):
       pos = jnp.asarray(sincos_2d(*self.cfg.grid, self.cfg.dit.d_model), h.dtype)
       h = jnp.where(vis, h, (self.c2c_token.astype(h.dtype) + pos)[None])
     h = h + vis.astype(h.dtype) * self.e_clean.astype(h.dtype)
+    if self.cfg.context_time:
+      if visible_level is None:
+        raise ValueError("clean(): model.context_time needs visible_level.")
+      emb = timestep_embedding(visible_level.astype(jnp.float32), self.cfg.dit.d_model)
+      h = h + vis.astype(h.dtype) * (emb @ self.ctx_time.astype(jnp.float32))[:, None].astype(
+          h.dtype)
     h, c = self._encode(h, level, y, train)
+    if self.cfg.shared_decoder:
+      return self.dn(h + self.dn_pos[None].astype(h.dtype), c, train)
     h = h + self.dc_pos[None].astype(h.dtype)
     return self.dc(h, c, train)
 
@@ -280,5 +305,6 @@ class MCDiT(nn.Module):
             n // 2, 1)))
         out = out + 0 * self.mdt_masked(x, keep, mask, level, y, train)
       if mc.has_clean_branch:
-        out = out + 0 * self.clean(x, ~mask, level, y, train)
+        vl = jnp.zeros_like(level) if mc.context_time else None
+        out = out + 0 * self.clean(x, ~mask, level, y, train, vl)
     return out

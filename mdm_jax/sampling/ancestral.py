@@ -138,7 +138,8 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                      top_k: int = 0, top_p=1.0, prompt: Optional[Array] = None,
                      prompt_mask: Optional[Array] = None, time_conditioning: bool = False,
                      eps: float = 1e-5, return_trajectory: bool = False,
-                     use_cache: bool = True, top_p_rule: str = "holtzman") -> SampleResult:
+                     use_cache: bool = True, top_p_rule: str = "holtzman",
+                     chunk_point: float = 1.0) -> SampleResult:
   """Draws batch_size sequences of seq_len tokens with T = num_steps steps.
 
   Traceable; jit it with the keyword arguments closed over (functools.partial)
@@ -161,6 +162,9 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
     return_trajectory: also return the digits after every step.
     use_cache: False forces a network call every step (same samples for a
       time-agnostic network; for tests and timing).
+    chunk_point: Prime v2 grouped noise (``prime.chunk_point``): while t > chunk_point
+      a token's digits share one reveal draw, so whole tokens are revealed at once,
+      mirroring training; 1 = every digit on its own.
   Returns:
     SampleResult.
   """
@@ -204,6 +208,8 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
     p_reveal = jnp.clip((a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-30), 0.0, 1.0)
     p_reveal = jnp.where(final, 1.0, p_reveal).astype(jnp.float32)
     u = jax.random.uniform(k_rev, digits.shape, jnp.float32)       # in [0, 1)
+    if chunk_point < 1.0:   # grouped: one draw per token (digits above c are masked together)
+      u = jnp.where(t > chunk_point, u[..., :1], u)
     reveal = masked & (u < p_reveal)
     new = jnp.where(reveal, y_hat, digits).astype(jnp.int32)
     changed = jnp.any(reveal)
