@@ -239,12 +239,17 @@ def test_ar_loss_exact_and_causal():
   np.testing.assert_allclose(np.asarray(loss), manual, rtol=1e-4)
 
 
-def test_flat_weighting_is_mean_masked_ce_and_never_reaches_the_bound():
-  vocab, length, ell = 16, 12, 2
+def _prime2_setup(vocab=16, length=12, ell=2, batch=6):
+  """A perturbed tiny Prime model (l = 2) and a batch of random tokens."""
   codec = prime.PrimeCodec.create(vocab, ell)
   model, apply_fn = _tiny_model(vocab, ell, codec.base)
   params = _init(model, length, ell)
-  tokens = jax.random.randint(jax.random.key(3), (6, length), 0, vocab)
+  tokens = jax.random.randint(jax.random.key(3), (batch, length), 0, vocab)
+  return codec, apply_fn, params, tokens, length
+
+
+def test_flat_weighting_is_mean_masked_ce_and_never_reaches_the_bound():
+  codec, apply_fn, params, tokens, length = _prime2_setup()
   t = jnp.linspace(0.05, 0.95, 6)
   key = jax.random.key(4)
   elbo = losses.DiffusionLossConfig(t_min=1e-3)
@@ -271,11 +276,7 @@ def test_flat_weighting_is_mean_masked_ce_and_never_reaches_the_bound():
 
 
 def test_chunk_point_groups_noise_only_above_it_and_eval_ignores_it():
-  vocab, length, ell = 16, 12, 2
-  codec = prime.PrimeCodec.create(vocab, ell)
-  model, apply_fn = _tiny_model(vocab, ell, codec.base)
-  params = _init(model, length, ell)
-  tokens = jax.random.randint(jax.random.key(3), (6, length), 0, vocab)
+  codec, apply_fn, params, tokens, length = _prime2_setup()
   t = jnp.asarray([0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
   key = jax.random.key(4)
   ind = losses.DiffusionLossConfig(t_min=1e-3)
@@ -289,7 +290,7 @@ def test_chunk_point_groups_noise_only_above_it_and_eval_ignores_it():
   assert not np.allclose(np.asarray(lg[2:]), np.asarray(li[2:]))
   # A whole-token mask: the marginal loss of a grouped row equals the one computed by hand
   # from the all-or-nothing mask the same uniforms give.
-  u = jax.random.uniform(jax.random.split(key, 3)[1], (6, length, ell))
+  u = jax.random.uniform(jax.random.split(key, 3)[1], (6, length, codec.ell))
   noisy = jnp.where(u[..., :1] < LIN.mask_prob(t)[:, None, None], codec.mask_id,
                     codec.encode(tokens))
   logits = apply_fn(params, noisy, t, train=False, rng=None)
