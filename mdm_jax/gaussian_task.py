@@ -185,7 +185,7 @@ def arm_loss(arm: str, gc: GaussianConfig, sched: g.DDPMSchedule, fns: Branches,
     x0_hat = (fns.clean(params, z, ~dr.mask, level, y, train) if vis_level is None else
               fns.clean(params, z, ~dr.mask, level, y, train, vis_level))
     l_c = g.masked_token_mse(x0_hat, x0, dr.mask)
-    total = gc.lambda_c * l_c + (l_g if gc.lambda_g == 1.0 else gc.lambda_g * l_g)
+    total = gc.lambda_g * l_g + gc.lambda_c * l_c
     return total, {"loss_g": l_g, "loss_aux": l_c}
   raise ValueError(f"model.arm={arm!r} is not one of dit | mdt | mcdit.")
 

@@ -46,8 +46,7 @@ def _sampler_fn(task, config, sampler: str, num_samples: int, seq_len: int, num_
   fn = sampling.get_sampler(sampler)
   options = sampler_options(fn, sc)
   key = (id(task), sampler, num_samples, seq_len, num_steps, float(sc.temperature),
-         int(sc.top_k), float(sc.top_p), rules, tuple(sorted(options.items())),
-         float(config.prime.get("chunk_point", 1.0)))
+         int(sc.top_k), float(sc.top_p), rules, tuple(sorted(options.items())))
   if key in _JIT_CACHE:
     return _JIT_CACHE[key]
   if task.objective == "ar":
@@ -66,9 +65,8 @@ def _sampler_fn(task, config, sampler: str, num_samples: int, seq_len: int, num_
                   time_conditioning=task.time_conditioning)
   kwargs.update(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
   kwargs.update(options)
-  chunk_point = float(config.prime.get("chunk_point", 1.0))
   if task.objective != "ar" and "chunk_point" in inspect.signature(fn).parameters:
-    kwargs["chunk_point"] = chunk_point
+    kwargs["chunk_point"] = task.loss_cfg.chunk_point   # grouped reveals mirror training
 
   def run(params, rng):
     with nn.logical_axis_rules(rules or ()):
