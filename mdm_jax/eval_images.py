@@ -4,9 +4,11 @@ No Inception network can be downloaded here, so the feature network is a small
 CNN that the project trains itself on the same dataset (``train_classifier``).
 The reported number is the **classifier Frechet distance** ("FD-<dataset>-cnn"),
 computed exactly like FID (Gaussian fits of penultimate-layer features, float64,
-``scipy.linalg.sqrtm``) but on different features: it is NOT comparable with
+tr((S1 S2)^(1/2)) from symmetric eigendecompositions) but on different features: it is NOT comparable with
 published FID numbers and is never called FID.  ``standard_fid`` (Inception
-weights from a path on disk) is not implemented.
+weights read from a path on disk, ``mdm_jax/inception.py``) is the published
+FID, for users who have the weights file; ``--inception_weights=PATH`` adds it
+to ``--mode=evaluate``.
 
 Bits per dimension is the eval NELBO in nats per token divided by ln 2, one token
 being one pixel channel (a "sub-pixel"); ``train.evaluate`` already reports it
@@ -30,7 +32,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -183,23 +184,30 @@ def feature_stats(features) -> Tuple[np.ndarray, np.ndarray]:
   return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def trace_sqrt_product(sigma1, sigma2) -> float:
+  """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2, by two symmetric eigendecompositions.
+
+  S1 S2 has the eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the
+  trace of its square root is the sum of their square roots.  Unlike
+  ``scipy.linalg.sqrtm`` of the non-symmetric product, this needs no complex Schur
+  form, no regularisation of singular covariances (round-off negatives are clipped
+  to 0), and is ~7x faster for 2048-d Inception features.
+  """
+  w, v = np.linalg.eigh(sigma1)
+  root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  m = root1 @ sigma2 @ root1
+  return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64 (the FID formula)."""
-  from scipy import linalg  # pylint: disable=import-outside-toplevel
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2,
                                                                                   np.float64))
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
     raise ValueError(f"Mismatched statistics: {mu1.shape}/{mu2.shape}, {s1.shape}/{s2.shape}.")
   diff = mu1 - mu2
-  with warnings.catch_warnings():    # dead ReLU features make S1 S2 singular: that is fine
-    warnings.simplefilter("ignore")
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():   # regularise both covariances
-      off = np.eye(s1.shape[0]) * eps
-      covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-  covmean = np.real(covmean)
-  fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+  fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
   return max(fd, 0.0)
 
 
@@ -213,18 +221,17 @@ def classifier_frechet_distance(classifier: Classifier, images_a, images_b) -> f
                                       classifier.features(images_b))
 
 
-def standard_fid(images_a, images_b, inception_weights_path: str) -> float:
-  """Standard FID with Inception-v3 weights from disk: NOT IMPLEMENTED in this project.
+def standard_fid(images_a, images_b, inception_weights_path: str, *, batch_size: int = 50,
+                 image_size: int = 299) -> float:
+  """Standard FID: Inception-v3 (FID variant) pool features, weights read from disk.
 
-  An Inception-v3 port (and a weights-file format) is needed; none can be
-  downloaded here.  Use ``classifier_frechet_distance`` and report it as the
-  classifier Frechet distance, not FID.
+  ``inception_weights_path``: pytorch-fid's state dict as .npz or jax-fid's .pickle
+  (``mdm_jax/inception.py``).  Images are uint8 [N, H, W(, C)]; grey is repeated
+  to RGB and everything is resized to 299x299, as published FIDs are computed.
   """
-  del images_a, images_b
-  raise NotImplementedError(
-      f"Standard FID (Inception-v3 from {inception_weights_path!r}) is not implemented in "
-      "mdm_jax; use mdm_jax.eval_images.classifier_frechet_distance (our own classifier's "
-      "features; never report it as FID).")
+  from mdm_jax import inception  # pylint: disable=import-outside-toplevel
+  return inception.standard_fid(images_a, images_b, inception_weights_path,
+                                batch_size=batch_size, image_size=image_size)
 
 
 def bits_per_dim(nll_nats_per_token: float) -> float:
@@ -247,7 +254,7 @@ def sample_images(task, params, config, tokenizer, num_samples: int, *, batch_si
 
 
 def evaluate_images(config, workdir: str, classifier_path: str, num_samples: int = 0,
-                    sample_batch: int = 0) -> Dict[str, Any]:
+                    sample_batch: int = 0, inception_weights: str = "") -> Dict[str, Any]:
   """bits/dim (eval ELBO) + classifier Frechet distance of samples vs the eval split."""
   from mdm_jax import train  # pylint: disable=import-outside-toplevel
   from mdm_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
@@ -287,6 +294,15 @@ def evaluate_images(config, workdir: str, classifier_path: str, num_samples: int
       "note": "classifier Frechet distance uses the project's own CNN features, not Inception: "
               "not comparable with FID.",
   }
+  if inception_weights:      # published FID, samples vs the same reference images
+    from mdm_jax import inception  # pylint: disable=import-outside-toplevel
+    t1 = time.time()
+    variables = inception.load_weights(inception_weights)
+    fa = inception.inception_features(samples, variables)
+    fb = inception.inception_features(ref, variables)
+    result.update({"fid": inception.fid_from_features(fa, fb),
+                   "fid_inception_weights": os.path.abspath(inception_weights),
+                   "fid_seconds": time.time() - t1})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"image_eval_step_{step}.json"), "w") as f:
       json.dump(result, f, indent=2)
@@ -322,7 +338,7 @@ def main(argv):
     print(json.dumps(res, indent=2, default=str))
     return
   res = evaluate_images(config, os.path.abspath(f.workdir), f.classifier_path, f.num_samples,
-                        f.sample_batch)
+                        f.sample_batch, inception_weights=f.inception_weights)
   print(json.dumps(res, indent=2, default=str))
 
 
@@ -340,6 +356,9 @@ def _define_flags():
                        "(0 = config.eval.fd_num_samples).")
   flags.DEFINE_integer("sample_batch", 0, "evaluate: samples per sampler call "
                        "(0 = config.sampling.num_samples).")
+  flags.DEFINE_string("inception_weights", "", "evaluate: also report standard FID with the "
+                      "FID Inception-v3 weights at this path (.npz of pytorch-fid's state dict, "
+                      "or jax-fid's .pickle); nothing is downloaded.")
   flags.DEFINE_integer("classifier_steps", 2000, "train_classifier: Adam steps.")
   flags.DEFINE_integer("classifier_batch", 128, "train_classifier: batch size.")
   flags.mark_flag_as_required("config")

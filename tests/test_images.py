@@ -256,7 +256,7 @@ def test_frechet_distance_closed_forms():
   h = rng.normal(size=(20000, 6))
   assert eval_images.frechet_distance_of_features(g, h) == pytest.approx(1.25, abs=0.05)
   assert eval_images.bits_per_dim(np.log(2.0) * 3) == pytest.approx(3.0)
-  with pytest.raises(NotImplementedError):
+  with pytest.raises(FileNotFoundError, match="Inception weights not found"):
     eval_images.standard_fid(None, None, "/nonexistent/inception.npz")
 
 
