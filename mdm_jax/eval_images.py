@@ -4,8 +4,8 @@ No Inception network can be downloaded here, so the feature network is a small
 CNN that the project trains itself on the same dataset (``train_classifier``).
 The reported number is the **classifier Frechet distance** ("FD-<dataset>-cnn"),
 computed exactly like FID (Gaussian fits of penultimate-layer features, float64,
-tr((S1 S2)^(1/2)) from symmetric eigendecompositions) but on different features: it is NOT comparable with
-published FID numbers and is never called FID.  ``standard_fid`` (Inception
+tr((S1 S2)^(1/2)) from symmetric eigendecompositions) but on different features:
+it is NOT comparable with published FID numbers and is never called FID.  ``standard_fid`` (Inception
 weights read from a path on disk, ``mdm_jax/inception.py``) is the published
 FID, for users who have the weights file; ``--inception_weights=PATH`` adds it
 to ``--mode=evaluate``.

@@ -141,8 +141,13 @@ class _Null:
 
 
 def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *, mesh=None,
-                     rules=None, write: bool = True) -> Dict[str, Any]:
-  """Generates ``sampling.num_samples`` texts, writes samples/step_N.{txt,json}."""
+                     rules=None, write: bool = True,
+                     known_words: Optional[frozenset] = None) -> Dict[str, Any]:
+  """Generates ``sampling.num_samples`` texts, writes samples/step_N.{txt,json}.
+
+  With ``known_words`` (the corpus's words) the stats include
+  ``known_word_rate``: the fraction of sampled words that are corpus words.
+  """
   res, stats = generate(task, params, config, mesh=mesh, rules=rules)
   if getattr(tokenizer, "is_image", False):   # images: a PNG grid (mdm_jax/data/images.py)
     if write:
@@ -155,6 +160,9 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
             file=sys.stderr, flush=True)
     return {"texts": [], **stats}
   texts = [tokenizer.decode(np.asarray(row)) for row in np.asarray(res.tokens)]
+  if known_words:
+    from mdm_jax.data.text import known_word_rate  # pylint: disable=import-outside-toplevel
+    stats["known_word_rate"], stats["num_words"] = known_word_rate(texts, known_words)
   if write:
     out = os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
@@ -164,7 +172,9 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
                 f"=====\n{t}\n\n")
     with open(os.path.join(out, f"step_{step}.json"), "w") as f:
       json.dump(stats, f, indent=2)
+    words = (f", {100 * stats['known_word_rate']:.0f}% corpus words" if "known_word_rate" in stats
+             else "")
     print(f"\n----- sample 0 at step {step} ({stats['sampler']}, NFE {stats['nfe']}, "
-          f"{stats['tokens_per_s']:.0f} tok/s) -----\n{texts[0][:600]}\n-----", file=sys.stderr,
-          flush=True)
+          f"{stats['tokens_per_s']:.0f} tok/s{words}) -----\n{texts[0][:600]}\n-----",
+          file=sys.stderr, flush=True)
   return {"texts": texts, **stats}

@@ -333,7 +333,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       return
     sample_lib.sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params,
                                 config, data.tokenizer, workdir, step, mesh=mesh, rules=rules,
-                                write=is_main)
+                                write=is_main, known_words=getattr(data, "known_words", None))
 
   metrics = None
   with jax.set_mesh(mesh):
@@ -443,6 +443,7 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
   params = state.ema_params if config.sampling.use_ema else state.params
   out = sample_lib.sample_and_write(task, params, config, data.tokenizer, workdir,
                                     int(state.step), mesh=mesh, rules=rules,
-                                    write=jax.process_index() == 0)
+                                    write=jax.process_index() == 0,
+                                    known_words=getattr(data, "known_words", None))
   out.pop("texts", None)
   return out

@@ -308,3 +308,11 @@ def test_make_text_data_with_cache(tmp_path, shakespeare):
   assert again.tokenizer.decode(again.eval[0]) == data.tokenizer.decode(data.eval[0])
   batch = next(iter(again.train_dataset(8, seed=0)))
   assert batch["tokens"].shape == (8, 64)
+
+
+def test_known_word_rate_counts_corpus_words():
+  words = data_lib.corpus_words("KING. Thou art a villain, o'er the hill; don't.")
+  assert {"king", "thou", "o'er", "don't", "villain"} <= words and "o" not in words
+  rate, n = data_lib.known_word_rate(["Thou art a Tathtain", "villain rseit! don't"], words)
+  assert n == 7 and rate == pytest.approx(5 / 7)
+  assert data_lib.known_word_rate(["?! ..."], words) == (0.0, 0)

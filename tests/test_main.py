@@ -34,11 +34,12 @@ def test_train_writes_metrics_samples_checkpoints(trained):
   final = json.load(open(os.path.join(wd, "final_metrics.json")))
   assert final["step"] == 30 and final["eval_ppl_bound"] > 1.0
   # The loss falls on real text: the untrained model (zero-initialised head) predicts
-  # uniformly over the 1,024 BPE tokens, a bound of ln 1024 = 6.93 nats per token;
-  # 30 tiny steps must beat it clearly (6.59 here).
+  # uniformly over the V BPE tokens, a bound of ln V nats per token; 30 tiny steps
+  # must beat it clearly.
   import math
   vocab = json.load(open(os.path.join(wd, "tokenizer", "tokenizer_meta.json")))
-  assert final["eval_nll"] < math.log(1024) - 0.15, (final, vocab)
+  assert vocab["vocab_size"] == 4096
+  assert final["eval_nll"] < math.log(vocab["vocab_size"]) - 0.15, (final, vocab)
   recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert any("eval/ppl_bound" in r for r in recs) and any("train/loss" in r for r in recs)
   assert os.listdir(os.path.join(wd, "tensorboard"))
@@ -46,6 +47,12 @@ def test_train_writes_metrics_samples_checkpoints(trained):
   assert "sample 0" in text and len(text) > 100
   stats = json.load(open(os.path.join(wd, "samples", "step_30.json")))
   assert stats["nfe"] >= 1 and stats["tokens_per_s"] > 0
+  # the known-word rate is recomputed from the written texts and the corpus's words
+  from mdm_jax.data import corpora, text as text_lib
+  bodies = [b.split("=====\n", 1)[1] for b in text.split("===== sample ")[1:]]
+  want, n = text_lib.known_word_rate([b[:-2] for b in bodies],
+                                     text_lib.corpus_words(corpora.shakespeare_text()))
+  assert stats["num_words"] == n > 0 and stats["known_word_rate"] == pytest.approx(want)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "30"))
 
 
