@@ -304,6 +304,7 @@ def inception_features(images, variables, *, batch_size: int = 50,
   if n == 0:
     raise ValueError("inception_features got no images.")
   fn = make_feature_fn(variables, image_size)
+  batch_size = min(int(batch_size), n)     # one compiled shape; small sets are not padded to 50
   out = []
   for i in range(0, n, batch_size):
     chunk = images[i:i + batch_size]

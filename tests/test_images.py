@@ -297,11 +297,17 @@ def test_cli_train_sample_writes_png_and_image_eval(tmp_path):
                          "--classifier_steps=20", "--classifier_batch=8"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  # ... plus standard FID from Inception weights on disk (random ones, in the .npz format)
+  from mdm_jax import inception
+  weights = str(tmp_path / "inception_fid.npz")
+  np.savez(weights, **inception.to_torch_state(inception.random_weights(seed=1)))
   proc = subprocess.run([sys.executable, "-m", "mdm_jax.eval_images", "--mode=evaluate", cfg,
                          *overrides, f"--workdir={wd}", f"--classifier_path={clf_dir}",
-                         "--num_samples=8"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+                         "--num_samples=8", f"--inception_weights={weights}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   res = json.loads(proc.stdout)
   assert res["bits_per_dim"] == pytest.approx(final["eval_nll"] / np.log(2), rel=1e-4)
   assert res["classifier_frechet_distance"] >= 0 and os.path.isfile(res["grid_png"])
+  assert np.isfinite(res["fid"]) and res["fid"] > 0
+  assert res["fid_inception_weights"] == weights
