@@ -1,6 +1,6 @@
 """Prime (partial masking) on the complete Shakespeare plays, BPE-4096 tokens.
 
-The embedded default: trains on 2 CPU cores in about 12 minutes and writes
+The embedded default: trains on 2 CPU cores in about 10 minutes and writes
 Shakespeare-shaped samples (speaker names, verse lines, stage directions) in
 which about three words in four are Shakespeare's words; the grammar is not
 there yet at this budget (BENCHMARKS.md, "Default text job").
@@ -61,7 +61,7 @@ def get_shakespeare_base():
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 4096
   c.data.seq_len = 128                # ~390 characters
-  # Sized for 2 CPU cores (~0.83 s/step, ~2.5k tokens/s idle): ~12 minutes end to end.
+  # Sized for 2 CPU cores (~0.62 s/step, ~3.3k tokens/s idle): ~10 minutes end to end.
   c.model.num_layers = 4
   c.model.d_model = 128
   c.model.num_heads = 4
