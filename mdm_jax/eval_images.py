@@ -5,10 +5,10 @@ CNN that the project trains itself on the same dataset (``train_classifier``).
 The reported number is the **classifier Frechet distance** ("FD-<dataset>-cnn"),
 computed exactly like FID (Gaussian fits of penultimate-layer features, float64,
 tr((S1 S2)^(1/2)) from symmetric eigendecompositions) but on different features:
-it is NOT comparable with published FID numbers and is never called FID.  ``standard_fid`` (Inception
-weights read from a path on disk, ``mdm_jax/inception.py``) is the published
-FID, for users who have the weights file; ``--inception_weights=PATH`` adds it
-to ``--mode=evaluate``.
+it is NOT comparable with published FID numbers and is never called FID.
+``standard_fid`` (Inception weights read from a path on disk,
+``mdm_jax/inception.py``) is the published FID, for users who have the weights
+file; ``--inception_weights=PATH`` adds it to ``--mode=evaluate``.
 
 Bits per dimension is the eval NELBO in nats per token divided by ln 2, one token
 being one pixel channel (a "sub-pixel"); ``train.evaluate`` already reports it
@@ -295,12 +295,8 @@ def evaluate_images(config, workdir: str, classifier_path: str, num_samples: int
               "not comparable with FID.",
   }
   if inception_weights:      # published FID, samples vs the same reference images
-    from mdm_jax import inception  # pylint: disable=import-outside-toplevel
     t1 = time.time()
-    variables = inception.load_weights(inception_weights)
-    fa = inception.inception_features(samples, variables)
-    fb = inception.inception_features(ref, variables)
-    result.update({"fid": inception.fid_from_features(fa, fb),
+    result.update({"fid": standard_fid(samples, ref, inception_weights),
                    "fid_inception_weights": os.path.abspath(inception_weights),
                    "fid_seconds": time.time() - t1})
   if jax.process_index() == 0:

@@ -304,7 +304,7 @@ def inception_features(images, variables, *, batch_size: int = 50,
   if n == 0:
     raise ValueError("inception_features got no images.")
   fn = make_feature_fn(variables, image_size)
-  batch_size = min(int(batch_size), n)     # one compiled shape; small sets are not padded to 50
+  batch_size = min(int(batch_size), n)     # small sets are not padded up to batch_size
   out = []
   for i in range(0, n, batch_size):
     chunk = images[i:i + batch_size]
@@ -317,18 +317,15 @@ def inception_features(images, variables, *, batch_size: int = 50,
   return np.concatenate(out)
 
 
-def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-  from mdm_jax import eval_images  # pylint: disable=import-outside-toplevel
-  return eval_images.frechet_distance_of_features(f1, f2)
-
-
 def standard_fid(images_a, images_b, weights_path: str, *, batch_size: int = 50,
                  image_size: int = IMAGE_SIZE) -> float:
   """FID of two uint8 image sets on Inception-v3 pool features (weights from disk)."""
+  # imported here: eval_images imports this module for its own standard_fid
+  from mdm_jax import eval_images  # pylint: disable=import-outside-toplevel
   variables = load_weights(weights_path)
   fa = inception_features(images_a, variables, batch_size=batch_size, image_size=image_size)
   fb = inception_features(images_b, variables, batch_size=batch_size, image_size=image_size)
-  return fid_from_features(fa, fb)
+  return eval_images.frechet_distance_of_features(fa, fb)
 
 
 def random_weights(seed: int = 0) -> Dict[str, Any]:

@@ -60,7 +60,7 @@ def test_features_match_jax_fid_and_fid_pipeline(weights, monkeypatch):
   np.testing.assert_allclose(alone, ours[4:6], rtol=1e-5, atol=1e-6)
   # FID: identical sets ~ 0; a brighter set is far; eval_images.standard_fid is the same pipeline
   b = _images(1, 6, 200)
-  same = inception.fid_from_features(ours, ours)
+  same = eval_images.frechet_distance_of_features(ours, ours)
   far = eval_images.standard_fid(a, b, weights["npz"], batch_size=4, image_size=SIZE)
   assert same < 1e-6 * far and far > 0
 
