@@ -19,6 +19,9 @@ allocation do.  Everything after ``--`` is passed to ``mdm_jax.main``.
 * The launcher waits for all processes.  If one fails, the others are
   terminated and the launcher exits with the failing process's status
   (or 1 if it died of a signal); Ctrl-C terminates all of them.
+* ``--timeout``: past it, every process is first sent SIGUSR1 (``mdm_jax.main``
+  then writes all its threads' Python stacks to its log), then all are stopped,
+  the last lines of each log are printed, and the launcher exits with 124.
 """
 
 from __future__ import annotations
@@ -110,6 +113,19 @@ def _terminate(procs, grace: float = 10.0):
       p.wait()
 
 
+def _dump_stacks(procs, wait: float = 3.0):
+  """SIGUSR1 to the running children: ``mdm_jax.main`` answers with every thread's Python stack
+  (``faulthandler``) in its log, which shows where a hung job waits."""
+  alive = [p for p in procs if p.poll() is None]
+  for p in alive:
+    try:
+      os.kill(p.pid, signal.SIGUSR1)
+    except (ProcessLookupError, PermissionError):
+      pass
+  if alive:
+    time.sleep(wait)
+
+
 def parse_args(argv: List[str]):
   if "--" in argv:
     cut = argv.index("--")
@@ -188,8 +204,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = 128 + int(stop["signal"])
         break
       if args.timeout and time.time() - start > args.timeout:
-        print(f"[launcher] timeout after {args.timeout:.0f} s: stopping all processes.",
-              file=sys.stderr, flush=True)
+        print(f"[launcher] timeout after {args.timeout:.0f} s: stopping all processes "
+              "(their Python stacks are dumped to their logs first).", file=sys.stderr,
+              flush=True)
+        _dump_stacks(procs)
         status = 124
         break
       time.sleep(0.1)
@@ -199,8 +217,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if status:
       for i, p in enumerate(procs):
         if i != 0 or args.quiet:
-          tail = _tail(os.path.join(log_dir, f"process_{i}.log"))
-          if tail and p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
+          # After a timeout every process is of interest (a hang is usually two processes
+          # waiting on each other); otherwise only the ones that failed by themselves.
+          lines = 60 if status == 124 else 30
+          tail = _tail(os.path.join(log_dir, f"process_{i}.log"), lines)
+          if tail and (status == 124 or
+                       p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL)):
             print(f"[launcher] last lines of process {i}:\n{tail}", file=sys.stderr)
     else:
       print(f"[launcher] all {args.num_processes} processes finished.", flush=True)

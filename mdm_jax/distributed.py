@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 
 import jax
 from absl import logging
@@ -45,6 +47,19 @@ def enable_cpu_collectives() -> bool:
   if current in (None, "none", ""):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   return True
+
+
+def dump_stacks_on_signal(signum: int = signal.SIGUSR1) -> None:
+  """``kill -USR1 PID`` then writes every thread's Python stack to stderr and the job goes on.
+
+  A multi-process job that hangs (one process waiting in a collective or a
+  barrier the others never reach) prints nothing by itself; the stacks of all
+  processes show where each one waits.  ``launch/local_multiprocess.py`` sends
+  the signal when its ``--timeout`` expires.  On SLURM: ``scancel --signal=USR1
+  JOBID``; on a TPU pod: ``pkill -USR1 -f mdm_jax.main`` on every worker.
+  """
+  if hasattr(signal, "SIGUSR1"):      # not on Windows
+    faulthandler.register(signum, all_threads=True, chain=False)
 
 
 def _local_device_ids():

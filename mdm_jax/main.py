@@ -101,6 +101,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
   from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.dump_stacks_on_signal()
   distributed.maybe_initialize()
   from mdm_jax import train  # pylint: disable=import-outside-toplevel
   from mdm_jax.config_utils import ConfigError  # pylint: disable=import-outside-toplevel

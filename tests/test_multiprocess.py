@@ -89,7 +89,13 @@ def runs(tmp_path_factory):
     mp.wait(timeout=300)
   assert ref.returncode == 0, \
       "1-process run failed:\n" + (base / "one_process.log").read_text()[-4000:]
-  assert mp.returncode == 0, "2-process run failed:\n" + (base / "launcher.log").read_text()[-4000:]
+  if mp.returncode != 0:
+    logs = [(base / "launcher.log").read_text()[-3000:]]
+    for i in range(2):
+      path = os.path.join(mp_dir, "logs", f"process_{i}.log")
+      if os.path.isfile(path):
+        logs.append(f"--- process {i} ---\n" + open(path).read()[-6000:])
+    pytest.fail(f"2-process run failed (status {mp.returncode}):\n" + "\n".join(logs))
   print(f"1-process and 2-process runs: {time.time() - t0:.1f} s")
   return ref_dir, mp_dir
 
@@ -195,6 +201,33 @@ def test_launcher_propagates_a_failure_and_stops_the_others(tmp_path):
   assert "process 1 exited with status 3" in proc.stderr
   for i in range(3):
     assert f"child {i} up" in open(tmp_path / "logs" / f"process_{i}.log").read()
+
+
+def test_launcher_timeout_dumps_every_process_stack(tmp_path):
+  """A hung job: past --timeout each child writes its Python stacks, then all are stopped."""
+  (tmp_path / "hang.py").write_text(textwrap.dedent("""\
+      import os, time
+      from mdm_jax import distributed
+      distributed.dump_stacks_on_signal()
+      print(f"child {os.environ['JAX_PROCESS_ID']} waiting", flush=True)
+      def wait_for_the_others():
+          time.sleep(120)
+      wait_for_the_others()
+  """))
+  env = _env()
+  env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, LAUNCHER, "-n", "2", "--module=hang", "--timeout=4",
+                         "--quiet", f"--log_dir={tmp_path}/logs", "--"], cwd=str(tmp_path),
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 124, proc.stderr
+  assert time.time() - t0 < 40
+  assert "timeout after 4 s" in proc.stderr
+  for i in range(2):
+    log = open(tmp_path / "logs" / f"process_{i}.log").read()
+    assert f"child {i} waiting" in log
+    assert "wait_for_the_others" in log, log     # the stack dump names the waiting function
+    assert f"last lines of process {i}" in proc.stderr
 
 
 def test_launcher_env():
