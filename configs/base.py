@@ -120,6 +120,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.use_ema = True
   # Sampler options: each is passed only to the samplers that take it (mdm_jax/sample.py).
   c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy
+  c.sampling.block_len = 0            # confidence: semi-AR blocks (1 = left to right; 0 = off)
   c.sampling.punt_eps = 0.05          # punt: independence tolerance (nats for kl); inf = top-K confidence
   c.sampling.punt_max_candidates = 0  # punt: K candidates per step (0 = every masked token)
   c.sampling.punt_divergence = "kl"   # punt: kl | logprob (|log Q(x^) - log P(x^)|)

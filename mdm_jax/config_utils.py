@@ -155,6 +155,9 @@ def _validate_sampler_options(config) -> None:
                       f"got {sc.remdm_t_off}, {sc.remdm_t_on}.")
   if not 0.0 < float(sc.remdm_alpha_on) < 1.0:
     raise ConfigError(f"sampling.remdm_alpha_on must be in (0, 1), got {sc.remdm_alpha_on}.")
+  if int(sc.get("block_len", 0)) < 0:
+    raise ConfigError(f"sampling.block_len must be >= 0 (0 = no blocks, 1 = left to right), "
+                      f"got {sc.block_len}.")
 
 
 def validate_batch(config, mesh) -> None:

@@ -22,7 +22,7 @@ _COMPILED: Dict[Any, Any] = {}     # jitted sampler -> its compiled executable
 # config.sampling keys that are sampler options: each is passed, under its own
 # name, to the samplers whose signature has a parameter of that name.
 SAMPLER_OPTIONS = (
-    "confidence", "punt_eps", "punt_max_candidates", "punt_divergence", "punt_confidence",
+    "confidence", "block_len", "punt_eps", "punt_max_candidates", "punt_divergence", "punt_confidence",
     "punt_mode", "eb_gamma", "fast_dllm_threshold", "maskgit_select_temp",
     "correction_phases", "correction_caps", "correction_score", "correction_probe_frac",
     "remdm_schedule", "remdm_eta", "remdm_t_on", "remdm_t_off", "remdm_alpha_on")

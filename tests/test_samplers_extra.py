@@ -147,6 +147,53 @@ def test_value_dependent_confidence_is_not_exact():
   assert chi2_pvalue(joint_counts(res.tokens, v), p) < 1e-8
 
 
+@pytest.mark.parametrize("ell,v", [(1, 3), (2, 4)])
+def test_confidence_left_to_right_is_exact(ell, v):
+  """block_len=1 orders by position only, so one token per step samples the chain rule
+  exactly even with the value-dependent 'prob' score (which alone is far from exact)."""
+  length = 3
+  codec = PrimeCodec.create(v, ell)
+  p = random_joint(np.random.default_rng(5), v, length, corr=3.0)
+  res = run("confidence", safe_oracle(p, codec), codec, rkey(3), batch_size=N_DRAWS,
+            seq_len=length, num_steps=length, confidence="prob", block_len=1)
+  assert chi2_pvalue(joint_counts(res.tokens, v), p) > P_MIN
+  free = run("confidence", safe_oracle(p, codec), codec, rkey(3), batch_size=N_DRAWS,
+             seq_len=length, num_steps=length, confidence="prob", block_len=0)
+  assert chi2_pvalue(joint_counts(free.tokens, v), p) < 1e-8
+
+
+def _left_context_probe(codec, block_len):
+  """A model that says 0 where every token left of the position's block is revealed, 1
+  elsewhere, and is most confident at the right end: only block-by-block, left-to-right
+  decoding yields all zeros."""
+  def apply_fn(params, digits, t, *, train=False, rng=None):
+    del params, t, train, rng
+    masked = jnp.any(digits == codec.mask_id, -1)                              # [B, L]
+    start = (jnp.arange(digits.shape[1]) // block_len) * block_len              # block start
+    masked_before = jnp.cumsum(masked, -1) - masked                            # strictly left
+    left_masked = masked_before[:, start] > 0
+    sharp = 2.0 + jnp.arange(digits.shape[1], dtype=jnp.float32)              # right: surer
+    want = jnp.where(left_masked, 1, 0)
+    return jax.nn.one_hot(want, codec.vocab_size) * sharp[None, :, None]
+  return apply_fn
+
+
+@pytest.mark.parametrize("block_len,steps", [(1, 8), (2, 4), (4, 2)])
+def test_confidence_blocks_go_left_to_right(block_len, steps):
+  length, v = 8, 4
+  codec = PrimeCodec.create(v, 1)
+  kw = dict(batch_size=64, seq_len=length, num_steps=steps, confidence="max_prob",
+            temperature=1e-3)
+  probe = _left_context_probe(codec, block_len)
+  res = run("confidence", probe, codec, rkey(1), block_len=block_len, **kw)
+  np.testing.assert_array_equal(np.asarray(res.tokens), 0)
+  free = run("confidence", probe, codec, rkey(1), block_len=0, **kw)
+  assert np.all(np.asarray(free.tokens)[:, -1] == 1)     # by confidence: right end first
+  same = run("confidence", random_apply_fn(codec), codec, rkey(2), block_len=length, **kw)
+  base = run("confidence", random_apply_fn(codec), codec, rkey(2), block_len=0, **kw)
+  np.testing.assert_array_equal(np.asarray(same.tokens), np.asarray(base.tokens))
+
+
 def test_punt_prime_exact_limit_and_coupled_tokens():
   # Prime, L = 2: strict PUNT is exact.
   codec = PrimeCodec.create(4, 2)
@@ -391,6 +438,7 @@ def test_registry_and_options_passthrough():
     ("correction_caps", (1.0, 2.0), "correction_caps"),
     ("remdm_schedule", "sometimes", "remdm_schedule"),
     ("remdm_t_on", 0.01, "t_off < t_on"),
+    ("block_len", -1, "block_len"),
 ])
 def test_config_validation(key, value, words):
   from configs.base import get_base_config

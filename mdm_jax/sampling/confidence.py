@@ -6,8 +6,16 @@ consistent with the digits already observed when carry_over=True), scored
 by a confidence:
 
 * ``prob``: p(x^), LLaDA's low-confidence remasking;
+* ``max_prob``: max_x p(x), which does not depend on the value drawn;
 * ``margin``: p(top-1) - p(top-2);
 * ``neg_entropy``: -H(p).
+
+With ``block_len`` > 0 the order is semi-autoregressive (LLaDA's block
+decoding): positions are taken block by block, left to right, and by
+confidence inside a block; a step that finishes a block goes on into the next.
+``block_len=1`` is left-to-right decoding, whose order does not depend on the
+drawn values, so with one token per step (T >= L) it samples the model's own
+left-to-right chain of conditionals exactly.
 
 The most confident positions are revealed *whole* (all their digits): after
 step k a sequence keeps round(M * (1 - alpha(t_{k+1}))) masked tokens, M
@@ -28,10 +36,9 @@ import jax.numpy as jnp
 
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
+from mdm_jax.sampling.common import CONFIDENCES, token_confidence
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.schedules import Schedule
-
-CONFIDENCES = ("prob", "margin", "neg_entropy")
 
 
 def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCodec,
@@ -40,13 +47,15 @@ def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCode
                       prompt: Optional[jax.Array] = None,
                       prompt_mask: Optional[jax.Array] = None, time_conditioning: bool = False,
                       eps: float = 1e-5, confidence: str = "prob",
-                      top_p_rule: str = "holtzman") -> SampleResult:
+                      top_p_rule: str = "holtzman", block_len: int = 0) -> SampleResult:
   """Draws batch_size sequences; see the module docstring.  Traceable (jit it)."""
   del time_conditioning   # the network is called every step anyway
   if confidence not in CONFIDENCES:
     raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}.")
   if num_steps < 1:
     raise ValueError(f"sampling.num_steps must be >= 1, got {num_steps}.")
+  if block_len < 0:
+    raise ValueError(f"sampling.block_len must be >= 0 (0 = no blocks), got {block_len}.")
   mask_id = codec.mask_id
   ts = time_grid(num_steps, eps)
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
@@ -62,19 +71,18 @@ def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCode
     lp = codec.token_logprobs(logits.astype(jnp.float32), digits if carry_over else None)
     lp = apply_filters(lp, temperature, top_k, top_p, top_p_rule)
     x_hat = sample_categorical(k_tok, lp)
-    if confidence == "prob":
-      conf = jnp.take_along_axis(lp, x_hat[..., None], -1)[..., 0]
-    elif confidence == "margin":
-      top2 = jax.lax.top_k(lp, 2)[0]
-      conf = jnp.exp(top2[..., 0]) - jnp.exp(top2[..., 1])
-    else:
-      p = jnp.exp(lp)
-      conf = jnp.sum(jnp.where(p > 0, p * lp, 0.0), -1)
+    conf = token_confidence(lp, x_hat, confidence)
     conf = jnp.where(tok_masked, conf, -jnp.inf)
     keep_masked = jnp.where(k == num_steps - 1, 0.0,
                             jnp.round(m0 * schedule.mask_prob(s)))             # [B]
     n_reveal = jnp.maximum(jnp.sum(tok_masked, -1) - keep_masked, 0)           # [B]
-    ranks = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
+    order = jnp.argsort(-conf, axis=-1, stable=True)                           # by confidence
+    if block_len:                 # then (stably) by block: earliest unfinished block first
+      block = jnp.arange(seq_len, dtype=jnp.int32) // block_len
+      block = jnp.where(tok_masked, block[None, :], seq_len)                   # revealed last
+      order = jnp.take_along_axis(
+          order, jnp.argsort(jnp.take_along_axis(block, order, -1), axis=-1, stable=True), -1)
+    ranks = jnp.argsort(order, axis=-1)
     chosen = tok_masked & (ranks < n_reveal[:, None])
     new = jnp.where(chosen[..., None], codec.encode(x_hat), digits).astype(jnp.int32)
     return (new, nfe + jnp.any(tok_masked).astype(jnp.int32)), None
