@@ -7,12 +7,13 @@
 * ``model_logprobs``: one network call -> (unfiltered, filtered) token
   log-probabilities, restricted by Prime's carry-over when asked.
 * ``token_confidence``: the per-token confidence scores of algorithms.md §7.3-7.5.
-* ``descending_ranks``: rank 0 = most confident, per row, ties by position.
+* ``descending_ranks``: rank 0 = most confident, per row, ties by position;
+  optionally by group (block) first.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +83,19 @@ def token_confidence(lp: Array, x_hat: Array, kind: str) -> Array:
   raise ValueError(f"confidence must be one of {CONFIDENCES}, got {kind!r}.")
 
 
-def descending_ranks(score: Array, valid: Array) -> Array:
-  """int32 ranks along the last axis: 0 = highest score among ``valid``; invalid last."""
+def descending_ranks(score: Array, valid: Array, group: Optional[Array] = None) -> Array:
+  """int32 ranks along the last axis: 0 = highest score among ``valid``; invalid last.
+
+  With ``group`` (integers, broadcastable to ``score``), valid entries are ranked
+  by group first, lowest group first, and by score inside a group (semi-
+  autoregressive blocks: group = position // block length).
+  """
   s = jnp.where(valid, score, -jnp.inf)
   order = jnp.argsort(-s, axis=-1, stable=True)
+  if group is not None:         # then stably by group: the score order survives inside one
+    g = jnp.where(valid, jnp.broadcast_to(group, s.shape), jnp.iinfo(jnp.int32).max)
+    order = jnp.take_along_axis(
+        order, jnp.argsort(jnp.take_along_axis(g, order, -1), axis=-1, stable=True), -1)
   return jnp.argsort(order, axis=-1).astype(jnp.int32)
 
 

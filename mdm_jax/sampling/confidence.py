@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
-from mdm_jax.sampling.common import CONFIDENCES, token_confidence
+from mdm_jax.sampling.common import CONFIDENCES, descending_ranks, token_confidence
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.schedules import Schedule
 
@@ -59,6 +59,7 @@ def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCode
   mask_id = codec.mask_id
   ts = time_grid(num_steps, eps)
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
+  block = jnp.arange(seq_len, dtype=jnp.int32) // block_len if block_len else None   # [L]
   m0 = jnp.sum(jnp.any(digits0 == mask_id, -1), -1).astype(jnp.float32)       # [B]
 
   def step(carry, k):
@@ -72,17 +73,10 @@ def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCode
     lp = apply_filters(lp, temperature, top_k, top_p, top_p_rule)
     x_hat = sample_categorical(k_tok, lp)
     conf = token_confidence(lp, x_hat, confidence)
-    conf = jnp.where(tok_masked, conf, -jnp.inf)
     keep_masked = jnp.where(k == num_steps - 1, 0.0,
                             jnp.round(m0 * schedule.mask_prob(s)))             # [B]
     n_reveal = jnp.maximum(jnp.sum(tok_masked, -1) - keep_masked, 0)           # [B]
-    order = jnp.argsort(-conf, axis=-1, stable=True)                           # by confidence
-    if block_len:                 # then (stably) by block: earliest unfinished block first
-      block = jnp.arange(seq_len, dtype=jnp.int32) // block_len
-      block = jnp.where(tok_masked, block[None, :], seq_len)                   # revealed last
-      order = jnp.take_along_axis(
-          order, jnp.argsort(jnp.take_along_axis(block, order, -1), axis=-1, stable=True), -1)
-    ranks = jnp.argsort(order, axis=-1)
+    ranks = descending_ranks(conf, tok_masked, block)        # earliest unfinished block first
     chosen = tok_masked & (ranks < n_reveal[:, None])
     new = jnp.where(chosen[..., None], codec.encode(x_hat), digits).astype(jnp.int32)
     return (new, nfe + jnp.any(tok_masked).astype(jnp.int32)), None

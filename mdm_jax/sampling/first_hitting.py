@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits
-from mdm_jax.sampling.common import model_logprobs, time_for_mask_prob
+from mdm_jax.sampling.common import descending_ranks, model_logprobs, time_for_mask_prob
 from mdm_jax.sampling.filters import sample_categorical
 
 Array = jax.Array
@@ -98,8 +98,7 @@ def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array
     level = jnp.where(n > 0, level * frac, level)
     t = jnp.maximum(time_for_mask_prob(schedule, level), eps)
     # k uniformly chosen masked elements per sequence.
-    score = jnp.where(masked, jax.random.uniform(k_sel, flat.shape, jnp.float32), -1.0)
-    ranks = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1)
+    ranks = descending_ranks(jax.random.uniform(k_sel, flat.shape, jnp.float32), masked)
     reveal = masked & (ranks < k[:, None])
     _, lp = model_logprobs(apply_fn, params, codec, digits, t, k_net, carry_over=carry_over,
                            temperature=temperature, top_k=top_k, top_p=top_p,
