@@ -19,6 +19,10 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":   # first of all: a CPU run restarts itself with a tuned glibc malloc
+  from mdm_jax import host_env  # pylint: disable=g-import-not-at-top
+  host_env.reexec_with_tuned_malloc(["-m", "mdm_jax.main", *sys.argv[1:]])
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

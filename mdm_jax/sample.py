@@ -142,11 +142,13 @@ class _Null:
 
 def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *, mesh=None,
                      rules=None, write: bool = True,
-                     known_words: Optional[frozenset] = None) -> Dict[str, Any]:
+                     known_words: Optional[frozenset] = None,
+                     known_bigrams: Optional[frozenset] = None) -> Dict[str, Any]:
   """Generates ``sampling.num_samples`` texts, writes samples/step_N.{txt,json}.
 
   With ``known_words`` (the corpus's words) the stats include
-  ``known_word_rate``: the fraction of sampled words that are corpus words.
+  ``known_word_rate``: the fraction of sampled words that are corpus words; with
+  ``known_bigrams`` also ``known_bigram_rate``, the same for in-line word pairs.
   """
   res, stats = generate(task, params, config, mesh=mesh, rules=rules)
   if getattr(tokenizer, "is_image", False):   # images: a PNG grid (mdm_jax/data/images.py)
@@ -163,6 +165,9 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
   if known_words:
     from mdm_jax.data.text import known_word_rate  # pylint: disable=import-outside-toplevel
     stats["known_word_rate"], stats["num_words"] = known_word_rate(texts, known_words)
+  if known_bigrams:
+    from mdm_jax.data.text import known_bigram_rate  # pylint: disable=import-outside-toplevel
+    stats["known_bigram_rate"], stats["num_bigrams"] = known_bigram_rate(texts, known_bigrams)
   if write:
     out = os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
@@ -174,6 +179,8 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
       json.dump(stats, f, indent=2)
     words = (f", {100 * stats['known_word_rate']:.0f}% corpus words" if "known_word_rate" in stats
              else "")
+    if "known_bigram_rate" in stats:
+      words += f", {100 * stats['known_bigram_rate']:.0f}% corpus word pairs"
     print(f"\n----- sample 0 at step {step} ({stats['sampler']}, NFE {stats['nfe']}, "
           f"{stats['tokens_per_s']:.0f} tok/s{words}) -----\n{texts[0][:600]}\n-----",
           file=sys.stderr, flush=True)

@@ -333,7 +333,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       return
     sample_lib.sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params,
                                 config, data.tokenizer, workdir, step, mesh=mesh, rules=rules,
-                                write=is_main, known_words=getattr(data, "known_words", None))
+                                write=is_main, known_words=getattr(data, "known_words", None),
+                                known_bigrams=getattr(data, "known_bigrams", None))
 
   metrics = None
   with jax.set_mesh(mesh):
@@ -444,6 +445,7 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
   out = sample_lib.sample_and_write(task, params, config, data.tokenizer, workdir,
                                     int(state.step), mesh=mesh, rules=rules,
                                     write=jax.process_index() == 0,
-                                    known_words=getattr(data, "known_words", None))
+                                    known_words=getattr(data, "known_words", None),
+                                    known_bigrams=getattr(data, "known_bigrams", None))
   out.pop("texts", None)
   return out

@@ -316,3 +316,14 @@ def test_known_word_rate_counts_corpus_words():
   rate, n = data_lib.known_word_rate(["Thou art a Tathtain", "villain rseit! don't"], words)
   assert n == 7 and rate == pytest.approx(5 / 7)
   assert data_lib.known_word_rate(["?! ..."], words) == (0.0, 0)
+
+
+def test_known_bigram_rate_counts_in_line_word_pairs():
+  pairs = data_lib.corpus_bigrams("KING. Thou art a villain,\nO'er the hill; don't.")
+  assert {"king thou", "thou art", "art a", "a villain", "o'er the", "the hill",
+          "hill don't"} == set(pairs)
+  assert "villain o'er" not in pairs          # pairs never cross a line break
+  # "thou art" + "art a" known, "a king" unknown; "villain the" unknown; one-word lines: none
+  rate, n = data_lib.known_bigram_rate(["Thou art a king", "villain the", "Exit"], pairs)
+  assert n == 4 and rate == pytest.approx(2 / 4)
+  assert data_lib.known_bigram_rate(["Exit", "?!"], pairs) == (0.0, 0)

@@ -53,6 +53,9 @@ def test_train_writes_metrics_samples_checkpoints(trained):
   want, n = text_lib.known_word_rate([b[:-2] for b in bodies],
                                      text_lib.corpus_words(corpora.shakespeare_text()))
   assert stats["num_words"] == n > 0 and stats["known_word_rate"] == pytest.approx(want)
+  want, n = text_lib.known_bigram_rate([b[:-2] for b in bodies],
+                                       text_lib.corpus_bigrams(corpora.shakespeare_text()))
+  assert stats["num_bigrams"] == n and stats["known_bigram_rate"] == pytest.approx(want)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "30"))
 
 

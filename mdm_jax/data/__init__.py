@@ -8,6 +8,8 @@ from mdm_jax.data.corpora import load_corpus
 from mdm_jax.data.corpora import shakespeare_text
 from mdm_jax.data.corpora import text_files
 from mdm_jax.data.text import corpus_words
+from mdm_jax.data.text import corpus_bigrams
+from mdm_jax.data.text import known_bigram_rate
 from mdm_jax.data.text import known_word_rate
 from mdm_jax.data.text import make_text_data
 from mdm_jax.data.text import process_eval_batches
@@ -27,7 +29,7 @@ from mdm_jax.data.tokenizers import TOKENIZERS
 __all__ = [
     "ArrayRecordData", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA",
     "GPT2Tokenizer", "TextData", "Tokenizer", "TOKENIZERS", "build_tokenizer", "corpus_words",
-    "known_word_rate",
+    "corpus_bigrams", "known_bigram_rate", "known_word_rate",
     "load_array_record_data", "load_corpus", "load_tokenizer", "make_text_data", "prepare",
     "process_eval_batches", "process_train_batches", "shakespeare_text", "split_and_pack",
     "text_files", "tokenize_corpus",
