@@ -61,26 +61,29 @@ def get_shakespeare_base():
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 4096
   c.data.seq_len = 128                # ~390 characters
-  # Sized for 2 CPU cores (~0.62 s/step, ~3.3k tokens/s idle): ~10 minutes end to end.
+  # Sized for 2 CPU cores: ~0.26 s/step (~7.8k tokens/s idle), ~10 minutes end to end.
+  # On this budget a narrower model that sees more tokens wins: 4 x 64 for 1,600
+  # steps beats 4 x 128 for the ~900 steps that fit in the same time (BENCHMARKS.md,
+  # "Default text job: width against steps").
   c.model.num_layers = 4
-  c.model.d_model = 128
-  c.model.num_heads = 4
+  c.model.d_model = 64
+  c.model.num_heads = 2
   c.model.gate_init = 1.0             # plain pre-LN start: learns faster on this budget
   # A width-3 residual conv over positions in each block: a masked token sees its
   # neighbours from step 1 instead of after attention has learnt to look next door
   # (ell = 1, 400 steps: eval bound 5.249 with it vs 5.728 without; BENCHMARKS.md).
   c.model.local_conv = 3
   c.training.batch_size = 16
-  c.training.num_steps = 800
+  c.training.num_steps = 1600
   c.training.learning_rate = 3e-3
   c.training.warmup_steps = 50
   c.training.ema_decay = 0.99
   c.training.log_every = 25
-  c.eval.every_steps = 400
+  c.eval.every_steps = 800
   c.eval.batch_size = 16
   c.eval.num_batches = 16
   c.eval.num_time_samples = 2
-  c.checkpoint.every_steps = 200
+  c.checkpoint.every_steps = 400
   c.sampling.num_steps = 128
   c.sampling.num_samples = 4
   # Nucleus sampling: at 800 steps the known-word rate of the samples goes from 67%

@@ -8,7 +8,7 @@ import pytest
 
 from configs.base import get_base_config
 from mdm_jax.models import build_model
-from mdm_jax.models.dit import DiTConfig, SubTokenEmbed
+from mdm_jax.models.dit import DiTConfig, SubTokenEmbed, project
 
 
 def _cfg(**kw):
@@ -198,3 +198,20 @@ def test_length_conv_matches_numpy(width, causal):
       if 0 <= l + o < 7:
         want[:, l] += w[i] * x[:, l + o]
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n_in, eq", [
+    ((2, 5, 8), (8, 3, 2, 4), 1, "bld,dthk->blthk"),    # qkv
+    ((2, 5, 2, 4), (2, 4, 8), 2, "blhk,hkd->bld"),      # attention output
+    ((3, 7, 8), (8, 11), 1, "bld,dv->blv"),             # MLP / head
+])
+def test_project_is_the_einsum_with_its_gradients(x_shape, w_shape, n_in, eq):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  ref = jnp.einsum(eq, x, w)
+  np.testing.assert_allclose(project(x, w, n_in), ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, ref.shape)
+  got = jax.grad(lambda x, w: jnp.sum(project(x, w, n_in) * g), (0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(jnp.einsum(eq, x, w) * g), (0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ from typing import Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mdm_jax.models.dit import DiTConfig, _kernel, dit_trunk
+from mdm_jax.models.dit import DiTConfig, _kernel, dit_trunk, project
 from mdm_jax.models.embed_noise import perturb_embeddings
 
 
@@ -110,7 +110,7 @@ class ImageDiT(nn.Module):
     x = patchify(e.astype(cfg.dtype), icfg.image_shape, p)
     w_in = _kernel(self, "patch_in", (x.shape[-1], cfg.d_model), (None, "embed"),
                    param_dtype=cfg.param_dtype)
-    x = jnp.einsum("bnk,kd->bnd", x, w_in.astype(cfg.dtype))
+    x = project(x, w_in.astype(cfg.dtype))
     hp, wp = icfg.image_shape[0] // p, icfg.image_shape[1] // p
     row = self.param("pos_row", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                              (None, "embed")),
@@ -129,6 +129,6 @@ class ImageDiT(nn.Module):
     bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                 (None, "vocab")),
                       (ppc, cfg.vocab_size), cfg.param_dtype)
-    logits = jnp.einsum("bnd,dkv->bnkv", x, w.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+    logits = project(x, w.astype(cfg.dtype)) + bias.astype(cfg.dtype)
     logits = unpatchify(logits, icfg.image_shape, p)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.models.dit import (DiTConfig, _kernel, cond_mlp, dit_blocks, final_adaln,
-                                timestep_embedding)
+                                project, timestep_embedding)
 from mdm_jax.models.image_dit import patchify, unpatchify
 
 ARMS = ("dit", "mdt", "mcdit")
@@ -136,7 +136,7 @@ class _Embed(nn.Module):
                 param_dtype=cfg.param_dtype)
     b = self.param("patch_in_bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("embed",)), (cfg.d_model,), cfg.param_dtype)
-    h = jnp.einsum("bnk,kd->bnd", x.astype(cfg.dtype), w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+    h = project(x.astype(cfg.dtype), w.astype(cfg.dtype)) + b.astype(cfg.dtype)
     pos = jnp.asarray(sincos_2d(*mc.grid, cfg.d_model), cfg.dtype)
     h = h + pos[None]
     return nn.with_logical_constraint(h, ("batch", "length", "embed"))
@@ -181,7 +181,7 @@ class _Decoder(nn.Module):
     b = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              (None,)),
                    (mc.patch_dim,), cfg.param_dtype)
-    out = jnp.einsum("bnd,dk->bnk", x, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+    out = project(x, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
     return out.astype(jnp.float32)
 
 
