@@ -2,8 +2,8 @@
 
 The embedded default: trains on 2 CPU cores in about 10 minutes and writes
 Shakespeare-shaped samples (speaker names, verse lines, stage directions) in
-which about three words in four are Shakespeare's words; the grammar is not
-there yet at this budget (BENCHMARKS.md, "Default text job").
+which about four words in five are Shakespeare's words; the grammar is not
+there yet at this budget (BENCHMARKS.md, "Default text job: width against steps").
 
   python -m mdm_jax.main --config=configs/shakespeare_prime.py --workdir=runs/prime_l2
 
