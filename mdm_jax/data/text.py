@@ -259,22 +259,41 @@ def process_eval_batches(read_rows: Callable[[np.ndarray], np.ndarray], num_rows
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
 
 
+def _line_words(text: str):
+  """Per line of a text, its lower-cased words (letters, inner apostrophes)."""
+  for line in text.splitlines():
+    yield [w.lower() for w in WORD_RE.findall(line)]
+
+
+def _pairs(words):
+  """Adjacent word pairs of one line, as "w1 w2"."""
+  return [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
 def corpus_words(text: str) -> frozenset:
   """The set of lower-cased words (letters, inner apostrophes) of a text."""
   return frozenset(w.lower() for w in WORD_RE.findall(text))
 
 
-def _line_bigrams(text: str):
-  """Adjacent word pairs ("w1 w2", lower-cased) inside each line of a text."""
-  for line in text.splitlines():
-    words = [w.lower() for w in WORD_RE.findall(line)]
-    for a, b in zip(words, words[1:]):
-      yield f"{a} {b}"
-
-
 def corpus_bigrams(text: str) -> frozenset:
   """The set of adjacent word pairs within a line of a text (see ``known_bigram_rate``)."""
-  return frozenset(_line_bigrams(text))
+  return frozenset(p for ws in _line_words(text) for p in _pairs(ws))
+
+
+def corpus_vocabulary(text: str) -> Tuple[frozenset, frozenset]:
+  """(``corpus_words``, ``corpus_bigrams``) of a text, in one pass over its lines."""
+  words, pairs = set(), set()
+  for ws in _line_words(text):
+    words.update(ws)
+    pairs.update(_pairs(ws))
+  return frozenset(words), frozenset(pairs)
+
+
+def _known_fraction(items, known) -> Tuple[float, int]:
+  """(fraction of ``items`` that are in ``known``, number of items); (0, 0) for none."""
+  if not items:
+    return 0.0, 0
+  return sum(i in known for i in items) / len(items), len(items)
 
 
 def known_bigram_rate(texts: Sequence[str], known_bigrams) -> Tuple[float, int]:
@@ -285,10 +304,8 @@ def known_bigram_rate(texts: Sequence[str], known_bigrams) -> Tuple[float, int]:
   grammatical text does.  Held-out Shakespeare scores about 0.65 against the pairs of
   the training part (BENCHMARKS.md); like the word rate it is no likelihood.
   """
-  pairs = [p for t in texts for p in _line_bigrams(t)]
-  if not pairs:
-    return 0.0, 0
-  return sum(p in known_bigrams for p in pairs) / len(pairs), len(pairs)
+  return _known_fraction([p for t in texts for ws in _line_words(t) for p in _pairs(ws)],
+                         known_bigrams)
 
 
 def known_word_rate(texts: Sequence[str], known_words) -> Tuple[float, int]:
@@ -298,10 +315,7 @@ def known_word_rate(texts: Sequence[str], known_words) -> Tuple[float, int]:
   corpus words; BPE soup ("Tathtain your rseit") does not.  Real held-out text
   scores near 1; this is no likelihood and rewards nothing about grammar.
   """
-  words = [w.lower() for t in texts for w in WORD_RE.findall(t)]
-  if not words:
-    return 0.0, 0
-  return sum(w in known_words for w in words) / len(words), len(words)
+  return _known_fraction([w.lower() for t in texts for w in WORD_RE.findall(t)], known_words)
 
 
 @dataclasses.dataclass
@@ -409,5 +423,6 @@ def make_text_data(data_config, workdir: Optional[str] = None):
       "train %d tokens = %d x %d; eval %d tokens = %d x %d.", data_config.dataset, len(text),
       tokenizer.name, tokenizer.vocab_size, len(tokens), len(tokens) / max(len(text), 1),
       train.size, train.shape[0], train.shape[1], evals.size, evals.shape[0], evals.shape[1])
-  return TextData(tokenizer=tokenizer, train=train, eval=evals, known_words=corpus_words(text),
-                  known_bigrams=corpus_bigrams(text))
+  known_words, known_bigrams = corpus_vocabulary(text)
+  return TextData(tokenizer=tokenizer, train=train, eval=evals, known_words=known_words,
+                  known_bigrams=known_bigrams)
