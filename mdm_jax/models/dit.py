@@ -297,7 +297,7 @@ class SubTokenEmbed(nn.Module):
 
   def attend(self, x):
     """Tied head (ell == 1 only): logits against the first V rows."""
-    return jnp.einsum("bld,vd->blv", x, self.table[: self.cfg.vocab_size].astype(x.dtype))
+    return project(x, self.table[: self.cfg.vocab_size].astype(x.dtype).T)
 
 
 def cond_mlp(cfg: DiTConfig, t_in):
