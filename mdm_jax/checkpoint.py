@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, Iterable, Optional
 
 import grain
@@ -77,10 +78,20 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0,
                async_save: bool = True, read_only: bool = False,
-               best_metric: Optional[str] = None):
+               best_metric: Optional[str] = None, barrier_prefix: Optional[str] = None):
     """``best_metric``: keep the ``max_to_keep`` steps with the lowest value of this
-    metric (passed to ``save``) instead of the most recent ones."""
+    metric (passed to ``save``) instead of the most recent ones.
+
+    ``barrier_prefix`` names this manager's cross-process barriers (default: the
+    directory's base name).  Orbax keys its barriers by the step directory's name
+    ("4.orbax-checkpoint-tmp"), so two managers saving the same step at once in a
+    multi-process job (``checkpoints/`` and ``checkpoints_best/`` after an eval) would
+    otherwise meet at each other's barriers and hang or fail.  It must be the same in
+    every process and differ between managers that save concurrently."""
     self.directory = os.path.abspath(directory)
+    if barrier_prefix is None:
+      barrier_prefix = os.path.basename(self.directory.rstrip(os.sep)) or "ckpt"
+    self.barrier_prefix = re.sub(r"[^A-Za-z0-9_]", "_", barrier_prefix)
     best = {}
     if best_metric:
       best = dict(best_fn=lambda m: float(m[best_metric]), best_mode="min",
@@ -88,7 +99,9 @@ class Checkpointer:
     self.best_metric = best_metric
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only,
-        enable_async_checkpointing=async_save, read_only=read_only, **best)
+        enable_async_checkpointing=async_save, read_only=read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=self.barrier_prefix), **best)
     self.save_every = save_every
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 

@@ -180,6 +180,51 @@ def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
     np.testing.assert_allclose(got[s], ref[s], rtol=1e-6, err_msg=f"resumed step {s}")
 
 
+def test_two_checkpointers_save_the_same_step_at_once_across_processes(tmp_path):
+  """Regression: after an eval, train.py saves one step into checkpoints/ and
+  checkpoints_best/ at once.  Orbax keys its barriers by the step directory's name, so
+  without a per-manager prefix the two managers' background threads met at each other's
+  barriers and the 2-process job hung or failed (seen on CI)."""
+  (tmp_path / "two_ckpts.py").write_text(textwrap.dedent("""\
+      import os, random, sys, time
+      from mdm_jax import distributed
+      distributed.maybe_initialize()
+      distributed.dump_stacks_on_signal()
+      import jax, numpy as np
+      from mdm_jax import checkpoint
+      base = sys.argv[1]
+      mesh = jax.make_mesh((jax.device_count(),), ("d",))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+      rng = random.Random(jax.process_index())      # the processes drift apart
+      last = checkpoint.Checkpointer(os.path.join(base, "checkpoints"), max_to_keep=2)
+      best = checkpoint.Checkpointer(os.path.join(base, "checkpoints_best"), max_to_keep=1,
+                                     best_metric="eval_nll")
+      for step in range(1, 5):
+        x = jax.device_put(np.full((8, 4), step, np.float32), sharding)
+        best.save(step, {"x": x}, force=True, metrics={"eval_nll": 10.0 - step})
+        time.sleep(rng.random() * 0.2)
+        last.save(step, {"x": x}, force=True)
+        time.sleep(rng.random() * 0.2)
+      last.close()
+      best.close()
+      print("saved", sorted(last.all_steps()), best.best_step(), flush=True)
+  """))
+  env = _env()
+  env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+  proc = subprocess.run([sys.executable, LAUNCHER, "-n", "2", "--devices_per_process=2",
+                         "--module=two_ckpts", "--timeout=90", "--quiet",
+                         f"--log_dir={tmp_path}/logs", "--", str(tmp_path / "out")],
+                        cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                        timeout=150)
+  logs = "\n".join(open(tmp_path / "logs" / f"process_{i}.log").read()[-3000:]
+                   for i in range(2) if (tmp_path / "logs" / f"process_{i}.log").exists())
+  assert proc.returncode == 0, proc.stderr[-3000:] + logs
+  for i in range(2):
+    assert "saved [3, 4] 4" in open(tmp_path / "logs" / f"process_{i}.log").read()
+  restored = _restore_numpy(str(tmp_path / "out"), 4)
+  np.testing.assert_array_equal(restored["x"], np.full((8, 4), 4, np.float32))
+
+
 # ---------------------------------------------------------------- fast launcher tests
 def test_launcher_propagates_a_failure_and_stops_the_others(tmp_path):
   (tmp_path / "child.py").write_text(textwrap.dedent("""\
