@@ -106,6 +106,39 @@ def mdm_token_nll(logits: Array, noisy_tokens: Array, tokens: Array,
   return jnp.where(noisy_tokens == mask_id, lse - picked, 0.0)
 
 
+def digit_marginal_nll(logits: Array, noisy_digits: Optional[Array], digits: Array,
+                       codec: prime_lib.PrimeCodec) -> Array:
+  """-log p(c_j = d_j | y_t) for every slot j: f32 [B, L, ell].
+
+  p(code | y_t) is the softmax of the code logits x (restricted to the codes
+  consistent with the observed digits when ``noisy_digits`` is given), so the
+  slot-j marginal of the true digit is lse(x with slot j fixed to d_j) - lse(x).
+  Fixing a slot is a gather of b**(ell-1) logits; nothing of size [B, L, V] is
+  normalised or materialised besides the one logsumexp, which makes this a few
+  passes over the logits cheaper (forward and backward) than normalising the code
+  distribution and summing out every marginal (``codec.digit_log_marginals``).
+  """
+  x = codec.code_logits(logits.astype(jnp.float32))
+  lead = x.shape[:-1]
+  ell, base = codec.ell, codec.base
+  x = x.reshape(lead + (base,) * ell)
+  if noisy_digits is not None:
+    bias = codec.slot_bias(noisy_digits)                    # [B, L, ell, b]
+    for j in range(ell):
+      shape = lead + tuple(base if k == j else 1 for k in range(ell))
+      x = x + bias[..., j, :].reshape(shape)
+  axes = tuple(range(len(lead), len(lead) + ell))
+  lse_all = jax.scipy.special.logsumexp(x, axis=axes)       # [B, L]
+  out = []
+  for j in range(ell):
+    shape = lead + tuple(1 if k == j else base for k in range(ell))
+    idx = jnp.broadcast_to(
+        digits[..., j].reshape(lead + (1,) * ell).astype(jnp.int32), shape)
+    fixed = jnp.take_along_axis(x, idx, axis=len(lead) + j)
+    out.append(lse_all - jax.scipy.special.logsumexp(fixed, axis=axes))
+  return jnp.stack(out, axis=-1)
+
+
 def prime_token_nll(logits: Array, noisy_digits: Array, digits: Array,
                     codec: prime_lib.PrimeCodec, form: str = "marginal",
                     carry_over: bool = True) -> Array:
@@ -121,13 +154,12 @@ def prime_token_nll(logits: Array, noisy_digits: Array, digits: Array,
   """
   b, l = logits.shape[:2]
   chex.assert_shape([noisy_digits, digits], (b, l, codec.ell))
-  logp = codec.restricted_code_logprobs(
-      logits, noisy_digits if carry_over else None)        # [B, L, b, ..., b]
   masked = noisy_digits == codec.mask_id                    # [B, L, ell]
   if form == "marginal":
-    marg = codec.digit_log_marginals(logp)                  # [B, L, ell, b]
-    picked = jnp.take_along_axis(marg, digits[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(masked, -picked, 0.0), axis=-1)
+    nll = digit_marginal_nll(logits, noisy_digits if carry_over else None, digits, codec)
+    return jnp.sum(jnp.where(masked, nll, 0.0), axis=-1)
+  logp = codec.restricted_code_logprobs(
+      logits, noisy_digits if carry_over else None)        # [B, L, b, ..., b]
   if form == "joint":
     flat = logp.reshape((b, l, codec.num_codes))
     code = codec.digits_to_code(digits)
