@@ -61,7 +61,8 @@ def get_shakespeare_base():
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 4096
   c.data.seq_len = 128                # ~390 characters
-  # Sized for 2 CPU cores: ~0.26 s/step (~7.8k tokens/s idle), ~10 minutes end to end.
+  # Sized for 2 CPU cores: ~0.24 s/step (~8.6k tokens/s idle), ~7 minutes end to end
+  # (2,000 steps fit 10 minutes but gained only 0.024 nats; BENCHMARKS.md).
   # On this budget a narrower model that sees more tokens wins: 4 x 64 for 1,600
   # steps beats 4 x 128 for the ~900 steps that fit in the same time (BENCHMARKS.md,
   # "Default text job: width against steps").
