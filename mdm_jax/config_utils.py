@@ -188,6 +188,20 @@ def save_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def last_override_wins(argv: List[str], config_flag: str = "config") -> List[str]:
+  """Drops every ``--config.KEY=VALUE`` that a later one for the same KEY repeats.
+
+  absl keeps the last value of a repeated scalar flag, but ml_collections appends the
+  values of a repeated tuple field (``--config.mesh.shape=(2,1,1)`` twice gives a
+  6-tuple).  Launch scripts that append overrides to a base command repeat keys, so
+  every repeated override resolves the absl way: the last one wins.
+  """
+  prefix = f"--{config_flag}."
+  key = lambda a: a.split("=", 1)[0] if a.startswith(prefix) and "=" in a else None
+  last = {key(a): i for i, a in enumerate(argv) if key(a)}
+  return [a for i, a in enumerate(argv) if key(a) is None or last[key(a)] == i]
+
+
 def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]], List[str]]:
   """An absl ``flags_parser`` for ``app.run`` that turns a bad ``--config`` file or
   ``--config.KEY`` into one ``error:`` line, the usage line and exit status 2.
@@ -199,6 +213,7 @@ def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   def parse(argv: List[str]) -> List[str]:
+    argv = last_override_wins(argv, config_flag)
     try:
       args = flags.FLAGS(argv)
       if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:

@@ -166,3 +166,29 @@ def test_full_size_train_state_is_fsdp_sharded():
 def test_bad_variants_are_rejected(name, arg):
   with pytest.raises(ValueError):
     load(name, arg)
+
+
+def test_repeated_override_last_one_wins():
+  # ml_collections alone appends a repeated tuple override ((2,1,1) then (4,1,1) gives a
+  # 6-tuple); the CLIs' parser keeps the last value of every repeated key, as absl does
+  # for scalars.  The parser needs a fresh global FLAGS and sys.argv, so a subprocess.
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  prog = (
+      "import sys\n"
+      "from absl import flags\n"
+      "from ml_collections import config_flags\n"
+      "from mdm_jax import config_utils\n"
+      "config_flags.DEFINE_config_file('config')\n"
+      "config_utils.flags_parser('test')(sys.argv)\n"
+      "c = flags.FLAGS.config\n"
+      "print(tuple(c.mesh.shape), c.training.num_steps, c.prime.ell)\n")
+  argv = ["--config=configs/shakespeare_prime.py:tiny",
+          "--config.mesh.shape=(2,1,1)", "--config.training.num_steps=4",
+          "--config.mesh.shape=(4,1,1)", "--config.training.num_steps=5"]
+  proc = subprocess.run([sys.executable, "-c", prog, *argv], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["(4,", "1,", "1)", "5", "2"], proc.stdout
+  assert config_utils.last_override_wins(
+      ["p", "--config.a=1", "--config.b=2", "--other=1", "--config.a=3", "--config.ab=4"]) == [
+          "p", "--config.b=2", "--other=1", "--config.a=3", "--config.ab=4"]
