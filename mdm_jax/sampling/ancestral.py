@@ -49,7 +49,8 @@ import jax.numpy as jnp
 
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.schedules import Schedule
-from mdm_jax.sampling.filters import apply_filters, sample_categorical
+from mdm_jax.sampling.common import model_logprobs
+from mdm_jax.sampling.filters import sample_categorical
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
@@ -180,10 +181,9 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                     if getattr(schedule, "multivariate", False) else None)
 
   def log_probs(digits, t, rng):
-    tt = jnp.full((batch_size,), t, jnp.float32)
-    logits = apply_fn(params, digits, tt, train=False, rng=rng)
-    lp = codec.token_logprobs(logits.astype(jnp.float32), digits if carry_over else None)
-    return apply_filters(lp, temperature, top_k, top_p, top_p_rule)
+    return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          top_p_rule=top_p_rule)[1]
 
   lp0 = jnp.zeros((batch_size, seq_len, codec.vocab_size), jnp.float32)
 

@@ -89,7 +89,7 @@ import jax.numpy as jnp
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
-from mdm_jax.sampling.common import descending_ranks, merge_tokens
+from mdm_jax.sampling.common import descending_ranks, merge_tokens, model_logprobs
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 
 Array = jax.Array
@@ -298,10 +298,9 @@ def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
   flat_shape = (batch_size, seq_len * codec.ell)
 
   def log_probs(digits, t, rng):
-    tt = jnp.full((batch_size,), t, jnp.float32)
-    logits = apply_fn(params, digits, tt, train=False, rng=rng)
-    lp = codec.token_logprobs(logits.astype(jnp.float32), digits if carry_over else None)
-    return apply_filters(lp, temperature, top_k, top_p, top_p_rule)
+    return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          top_p_rule=top_p_rule)[1]
 
   lp0 = jnp.zeros((batch_size, seq_len, codec.vocab_size), jnp.float32)
 
