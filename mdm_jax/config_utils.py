@@ -194,12 +194,13 @@ def last_override_wins(argv: List[str], config_flag: str = "config") -> List[str
   absl keeps the last value of a repeated scalar flag, but ml_collections appends the
   values of a repeated tuple field (``--config.mesh.shape=(2,1,1)`` twice gives a
   6-tuple).  Launch scripts that append overrides to a base command repeat keys, so
-  every repeated override resolves the absl way: the last one wins.
+  every repeated override resolves the absl way: the last one wins.  Only the ``=``
+  form is recognised; ``--config.KEY VALUE`` (space-separated) passes through as is.
   """
   prefix = f"--{config_flag}."
-  key = lambda a: a.split("=", 1)[0] if a.startswith(prefix) and "=" in a else None
-  last = {key(a): i for i, a in enumerate(argv) if key(a)}
-  return [a for i, a in enumerate(argv) if key(a) is None or last[key(a)] == i]
+  keys = [a.split("=", 1)[0] if a.startswith(prefix) and "=" in a else None for a in argv]
+  last = {k: i for i, k in enumerate(keys) if k}
+  return [a for i, (a, k) in enumerate(zip(argv, keys)) if k is None or last[k] == i]
 
 
 def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]], List[str]]:

@@ -10,6 +10,8 @@ import glob
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +174,6 @@ def test_repeated_override_last_one_wins():
   # ml_collections alone appends a repeated tuple override ((2,1,1) then (4,1,1) gives a
   # 6-tuple); the CLIs' parser keeps the last value of every repeated key, as absl does
   # for scalars.  The parser needs a fresh global FLAGS and sys.argv, so a subprocess.
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   prog = (
       "import sys\n"
       "from absl import flags\n"
