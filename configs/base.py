@@ -24,6 +24,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.gpt2_bpe_path = ""           # tokenizer == "gpt2": path to gpt2.tiktoken (r50k_base)
   c.data.seq_len = 256                # tokens per training sequence
   c.data.eval_fraction = 0.01         # tail of the token stream held out for eval
+  c.data.token_order = "id"           # id | context | random: context renumbers the vocabulary so
+                                      # that tokens used in similar contexts get nearby ids (Prime's
+                                      # high digits then mean word classes); random is a seeded
+                                      # shuffle (shuffle_seed); mdm_jax/data/token_order.py
   c.data.shuffle_seed = 0
 
   # ---------------------------------------------------------------- Prime

@@ -15,4 +15,7 @@ def get_config(arg: str = ""):
   c = get_shakespeare_base()
   c.objective = "diffusion"
   c.prime.ell = 1
+  # BPE's own ids: with ell = 1 the numbering only decides which random embedding row a
+  # token starts from (BENCHMARKS.md, "Vocabulary order").
+  c.data.token_order = "id"
   return apply_variants(c, arg)

@@ -25,6 +25,7 @@ from absl import logging
 # Config sections whose values must match between a checkpoint and the run that
 # restores it (they change parameter shapes or what the parameters mean).
 COMPAT_KEYS = ("objective", "model", "prime", "data.tokenizer", "data.bpe_vocab_size",
+               "data.token_order",
                "data.dataset", "data.path", "gaussian.form", "gaussian.schedule",
                "gaussian.num_timesteps")
 # Within those sections, keys that may change freely on resume.
@@ -61,7 +62,7 @@ def compat_view(config_dict: Dict[str, Any]) -> Dict[str, Any]:
 COMPAT_DEFAULTS = {"model.local_conv": 0, "model.digit_merge": "concat",
                    "model.per_slot_tables": False, "prime.chunk_point": 1.0,
                    "model.shared_decoder": False, "model.context_time": False,
-                   "gaussian.lambda_g": 1.0}
+                   "gaussian.lambda_g": 1.0, "data.token_order": "id"}
 
 
 def config_mismatches(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, tuple]:

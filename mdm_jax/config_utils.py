@@ -13,6 +13,7 @@ _CHOICES = {
     "objective": ("diffusion", "ar", "gaussian"),   # gaussian: mdm_jax/gaussian_task.py
     "prime.loss": ("marginal", "joint"),
     "data.tokenizer": ("char", "byte", "bpe", "gpt2"),
+    "data.token_order": ("id", "context", "random"),   # data/token_order.py
     "data.dataset": ("shakespeare", "text_files", "array_record",
                      "fashion_mnist", "image_folder", "tfds_images"),   # images: data/images.py
     "training.lr_schedule": ("constant", "cosine"),
@@ -86,6 +87,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if float(config.sampling.temperature) <= 0:
     raise ConfigError(f"sampling.temperature must be > 0, got {config.sampling.temperature}.")
   _validate_sampler_options(config)
+  if config.data.token_order != "id" and config.data.dataset not in ("shakespeare", "text_files",
+                                                                      "array_record"):
+    raise ConfigError(
+        f"data.token_order={config.data.token_order!r} renumbers a text vocabulary (data.dataset "
+        f"shakespeare, text_files, or array_record prepared from one), not data.dataset="
+        f"{config.data.dataset!r}: use --config.data.token_order=id.")
   if config.data.dataset == "text_files" and not config.data.path:
     raise ConfigError("data.dataset='text_files' needs --config.data.path=FILE[,FILE or GLOB].")
   if config.data.dataset == "array_record" and not config.data.path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -273,6 +274,24 @@ def evaluate(eval_step, params, batches, mesh, seed: int) -> Dict[str, float]:
 # ------------------------------------------------------------------ loop
 BEST_DIR = "checkpoints_best"
 
+
+def check_same_tokenizer_everywhere(tokenizer) -> None:
+  """In a multi-process job, fails unless every process holds the same tokenizer.
+
+  Each process builds its tokenizer (and, with ``data.token_order``, its vocabulary
+  numbering) from the corpus itself; if two hosts disagreed, they would train one
+  model on two numberings without any other symptom.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  digest = np.frombuffer(hashlib.sha256(tokenizer.fingerprint().encode()).digest(),
+                         np.uint8).astype(np.int32)
+  multihost_utils.assert_equal(
+      digest, "The processes built different tokenizers or vocabulary orders from the same "
+      "corpus (compare workdir/tokenizer/ on each host); set --config.data.token_order=id or "
+      "give every host the same corpus and software.")
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the configured model; returns the final metrics."""
   from mdm_jax.data import make_text_data   # pylint: disable=import-outside-toplevel
@@ -282,6 +301,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   data = make_text_data(config.data, workdir)
+  check_same_tokenizer_everywhere(data.tokenizer)
   task = build_task(config, data.tokenizer.vocab_size)
   mesh = shd.make_mesh(config.mesh)
   rules = shd.logical_rules(config.mesh)
@@ -409,6 +429,7 @@ def restore_for_inference(config, workdir: str):
         f"--mode=train --workdir={workdir}.{hint}")
   ckpt.check_compatible(config_utils.to_dict(config), step)
   data = make_text_data(config.data, workdir)
+  check_same_tokenizer_everywhere(data.tokenizer)
   task = build_task(config, data.tokenizer.vocab_size)
   mesh = shd.make_mesh(config.mesh)
   rules = shd.logical_rules(config.mesh)

@@ -405,6 +405,10 @@ def test_main_prepare(cli_prepared, tmp_path):
   assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error:")
   p = _run([TINY, "--mode=prepare", f"--output={tmp_path / 'x'}", "--source=tfds:lm1b",
             f"--tfds_data_dir={tmp_path / 'tfds'}"], expect_ok=False)
+  assert p.returncode == 2 and "--config.data.token_order=id" in p.stderr   # a context order
+  p = _run([TINY, "--mode=prepare", f"--output={tmp_path / 'x'}", "--source=tfds:lm1b",
+            "--config.data.token_order=id", f"--tfds_data_dir={tmp_path / 'tfds'}"],
+           expect_ok=False)
   assert p.returncode == 2 and "--tfds_download" in p.stderr
   p = _run([TINY, "--mode=prepare"], expect_ok=False)
   assert p.returncode != 0 and "--output" in p.stderr

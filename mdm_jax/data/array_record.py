@@ -434,6 +434,11 @@ def prepare(data_config, output_dir: str, *, source: str = "", source_config: st
     tokenizers_lib.tokenizer_settings(data_config)
   except ValueError as e:
     raise PrepareError(str(e)) from e
+  if kind != "corpus" and _token_order(data_config) != "id":
+    raise PrepareError(
+        f"data.token_order={_token_order(data_config)!r} renumbers a local corpus's token stream "
+        f"in memory, which a streamed --source={source} is not: prepare it with "
+        "--config.data.token_order=id (or prepare a local corpus).")
   if kind == "corpus" and str(data_config.dataset) not in corpora.CORPORA:
     raise PrepareError(f"Nothing to prepare from data.dataset={str(data_config.dataset)!r}: set "
                        f"--config.data.dataset to one of {sorted(corpora.CORPORA)} (with "
@@ -449,7 +454,10 @@ def prepare(data_config, output_dir: str, *, source: str = "", source_config: st
       try:
         # pylint: disable-next=protected-access
         tokens, tokenizer = text_lib._tokenize_text(data_config, text, None)
-        rows = dict(zip(SPLITS, text_lib.split_and_pack(tokens, seq_len, eval_fraction)))
+        train_rows, eval_rows = text_lib.split_and_pack(tokens, seq_len, eval_fraction)
+        tokenizer, train_rows, eval_rows = text_lib.apply_token_order(
+            data_config, tokenizer, train_rows, eval_rows)
+        rows = dict(zip(SPLITS, (train_rows, eval_rows)))
       except ValueError as e:      # bad tokenizer settings, corpus too small for seq_len
         raise PrepareError(str(e)) from e
       for split in SPLITS:
@@ -668,6 +676,12 @@ class ArrayRecordData:
           f"config.data.bpe_vocab_size={int(data_config.bpe_vocab_size)} but the dataset in "
           f"{self.path} was tokenised with a BPE of bpe_vocab_size={want} (vocab "
           f"{meta['vocab_size']}): set --config.data.bpe_vocab_size={want} {prepared_with}.")
+    order = getattr(self.tokenizer, "order_kind", "id")
+    if _token_order(data_config) != order:
+      raise ConfigError(
+          f"config.data.token_order={_token_order(data_config)!r} but the dataset in {self.path} "
+          f"was prepared with token_order={order!r}: set --config.data.token_order={order} "
+          f"{prepared_with}.")
     if self.tokenizer.vocab_size != int(meta["vocab_size"]):
       raise IncompleteDatasetError(f"{self.path}: the tokenizer has vocab "
                                    f"{self.tokenizer.vocab_size}, {METADATA_FILE} says "
@@ -715,6 +729,10 @@ class ArrayRecordData:
   def __repr__(self) -> str:
     return (f"ArrayRecordData({self.path!r}, seq_len={self.seq_len}, train={self.num_train}, "
             f"eval={self.num_eval}, tokenizer={self.tokenizer!r})")
+
+
+def _token_order(data_config) -> str:
+  return str(data_config.get("token_order", "id"))
 
 
 def load_array_record_data(data_config) -> ArrayRecordData:

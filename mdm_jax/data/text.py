@@ -2,7 +2,10 @@
 
 The corpus is tokenised once into a single int32 stream (cached in the
 workdir), its tail is held out for evaluation, and both parts are packed into
-non-overlapping rows of ``seq_len`` tokens.  Training batches come from an
+non-overlapping rows of ``seq_len`` tokens.  With ``data.token_order = "context"``
+(or "random") the vocabulary is then renumbered, from the training rows' neighbour
+statistics (``mdm_jax.data.token_order``; cached in the workdir too).  Training batches
+come from an
 infinite, per-epoch reshuffled Grain dataset whose iterator state is
 checkpointable; eval batches are a fixed, padded and weighted list.  How rows
 are ordered and split over processes (``process_train_batches``,
@@ -16,6 +19,7 @@ import io
 import json
 import os
 import re
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -23,6 +27,7 @@ import grain
 import numpy as np
 
 from mdm_jax.data import corpora
+from mdm_jax.data import token_order as token_order_lib
 from mdm_jax.data import tokenizers as tokenizers_lib
 
 TOKENS_FILE = "tokens.npy"
@@ -68,6 +73,90 @@ def _save_tokens(cache_dir: str, key: str, tokens: np.ndarray) -> None:
                               json.dumps({"key": key, "num_tokens": int(len(tokens))}))
 
 
+ORDER_FILE = "token_order.json"
+ORDER_TEXT_FILE = "token_order.txt"
+
+
+def _load_cached_order(cache_dir: str, key: str, vocab_size: int) -> Optional[np.ndarray]:
+  path = os.path.join(cache_dir, ORDER_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    order = np.asarray(saved["order"], np.int64)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("Ignoring the unreadable vocabulary order %s (%s): recomputing it.", path, e)
+    return None
+  if saved.get("key") != key:
+    return None
+  if len(order) != vocab_size or not np.array_equal(np.sort(order), np.arange(vocab_size)):
+    logging.warning("Ignoring %s: not a permutation of the %d-token vocabulary; recomputing it.",
+                    path, vocab_size)
+    return None
+  return order
+
+
+def apply_token_order(data_config, tokenizer: tokenizers_lib.Tokenizer, train: np.ndarray,
+                      evals: np.ndarray, workdir: Optional[str] = None):
+  """Renumbers the vocabulary as ``data.token_order`` says (see ``mdm_jax.data.token_order``).
+
+  The order is computed from the *training* rows only and cached in
+  ``workdir/tokenizer/token_order.json`` under a key of the tokenizer and those
+  rows, so a resumed or sampling run reuses exactly the same numbering;
+  ``token_order.txt`` next to it lists the tokens in their new order (each run of
+  b**(ell-1) lines is one value of Prime's first digit).
+
+  Args:
+    data_config: the ``config.data`` block (``token_order``: "id", "context" or
+      "random", the last seeded by ``shuffle_seed``).
+    tokenizer: the tokenizer that produced the rows.
+    train, evals: int32 row arrays in the tokenizer's numbering.
+    workdir: where to cache the order; None computes it every time.
+
+  Returns:
+    (tokenizer, train, evals): unchanged for "id"; otherwise a
+    ``ReorderedTokenizer`` and the rows in its numbering.
+
+  Raises:
+    ValueError: an unknown ``data.token_order``.
+  """
+  kind = str(data_config.get("token_order", "id"))
+  if kind not in token_order_lib.TOKEN_ORDERS:
+    raise ValueError(f"data.token_order={kind!r} is not one of "
+                     f"{list(token_order_lib.TOKEN_ORDERS)}.")
+  if kind == "id":
+    return tokenizer, train, evals
+  vocab_size = tokenizer.vocab_size
+  h = hashlib.sha256()
+  h.update(tokenizer.fingerprint().encode("ascii"))
+  h.update(np.ascontiguousarray(train, dtype=np.int32).tobytes())
+  h.update(str(int(data_config.get("shuffle_seed", 0))).encode() if kind == "random" else b"")
+  key = f"{kind}-{train.size}-{h.hexdigest()}"
+  cache_dir = _cache_dir(workdir)
+  order = _load_cached_order(cache_dir, key, vocab_size) if cache_dir else None
+  cached = order is not None
+  if cached:
+    logging.info("Loaded the vocabulary order (data.token_order=%r) from %s.", kind, cache_dir)
+  else:
+    start = time.time()
+    order = token_order_lib.compute_order(kind, train.reshape(-1), vocab_size,
+                                          int(data_config.get("shuffle_seed", 0)))
+    logging.info("Numbered the %d-token vocabulary (data.token_order=%r) in %.1f s.",
+                 vocab_size, kind, time.time() - start)
+  reordered = tokenizers_lib.ReorderedTokenizer(tokenizer, order, kind)
+  if cache_dir and not cached:
+    os.makedirs(cache_dir, exist_ok=True)
+    tokenizers_lib.atomic_write(os.path.join(cache_dir, ORDER_FILE), json.dumps(
+        {"key": key, "order_kind": kind, "order": order.tolist()}))
+    lines = [f"{i}\t{int(old)}\t{tokenizer.decode([int(old)])!r}" for i, old in enumerate(order)]
+    tokenizers_lib.atomic_write(os.path.join(cache_dir, ORDER_TEXT_FILE),
+                                "new id\told id\ttoken\n" + "\n".join(lines) + "\n")
+    logging.info("Wrote the vocabulary order to %s (%s lists the tokens in their new order).",
+                 cache_dir, ORDER_TEXT_FILE)
+  return reordered, reordered.rank[train], reordered.rank[evals]
+
+
 def _tokenize_text(data_config, text: str,
                    workdir: Optional[str]) -> Tuple[np.ndarray, tokenizers_lib.Tokenizer]:
   cache_dir = _cache_dir(workdir)
@@ -95,7 +184,8 @@ def tokenize_corpus(data_config,
       settings.
 
   Returns:
-    (1-D int32 token stream, tokenizer).
+    (1-D int32 token stream, tokenizer), in the tokenizer's own numbering
+    (``make_text_data`` applies ``data.token_order`` after the train/eval split).
   """
   return _tokenize_text(data_config, corpora.load_corpus(data_config), workdir)
 
@@ -418,6 +508,7 @@ def make_text_data(data_config, workdir: Optional[str] = None):
   text = corpora.load_corpus(data_config)
   tokens, tokenizer = _tokenize_text(data_config, text, workdir)
   train, evals = split_and_pack(tokens, int(data_config.seq_len), float(data_config.eval_fraction))
+  tokenizer, train, evals = apply_token_order(data_config, tokenizer, train, evals, workdir)
   logging.info(
       "Data %s: %d chars; %s tokenizer, vocab %d; %d tokens (%.3f tokens/char); "
       "train %d tokens = %d x %d; eval %d tokens = %d x %d.", data_config.dataset, len(text),

@@ -340,6 +340,49 @@ class GPT2Tokenizer(Tokenizer):
     return cls(d["tiktoken_bpe"])
 
 
+# ------------------------------------------------------------------ reordered
+class ReorderedTokenizer(Tokenizer):
+  """Another tokenizer with its vocabulary renumbered (``data.token_order``).
+
+  New id ``i`` is the base tokenizer's id ``order[i]``; the text each id stands
+  for is unchanged, so encode/decode round trips are the base tokenizer's.
+  """
+
+  def __init__(self, base: Tokenizer, order: Sequence[int], order_kind: str):
+    order = np.asarray(order, np.int64).reshape(-1)
+    if len(order) != base.vocab_size or not np.array_equal(np.sort(order),
+                                                           np.arange(base.vocab_size)):
+      raise ValueError(f"A vocabulary order must be a permutation of [0, {base.vocab_size}); "
+                       f"got {len(order)} ids.")
+    self.base = base
+    self.order_kind = str(order_kind)
+    self.order = order.astype(np.int32)
+    self.rank = np.empty_like(self.order)
+    self.rank[self.order] = np.arange(len(order), dtype=np.int32)
+    self.name = base.name
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.rank[self.base.encode(text)]
+
+  def _decode_valid(self, ids: np.ndarray) -> str:
+    return self.base.decode(self.order[ids])
+
+  def to_json(self) -> str:
+    return json.dumps({_FORMAT_KEY: "reordered", "order_kind": self.order_kind,
+                       "order": self.order.tolist(), "base": self.base.to_json()})
+
+  @classmethod
+  def from_json_dict(cls, d: Dict[str, Any]) -> "ReorderedTokenizer":
+    return cls(tokenizer_from_json(d["base"]), d["order"], d["order_kind"])
+
+  def __repr__(self) -> str:
+    return f"ReorderedTokenizer({self.base!r}, order={self.order_kind!r})"
+
+
 # ------------------------------------------------------------------ registry
 @dataclasses.dataclass(frozen=True)
 class TokenizerEntry:
@@ -360,7 +403,25 @@ _LOADERS: Dict[str, Callable[[Dict[str, Any]], Tokenizer]] = {
     "char": CharTokenizer.from_json_dict,
     "byte": ByteTokenizer.from_json_dict,
     "gpt2": GPT2Tokenizer.from_json_dict,
+    "reordered": ReorderedTokenizer.from_json_dict,
 }
+
+
+def tokenizer_from_json(contents: str, where: str = "The tokenizer JSON") -> Tokenizer:
+  """Parses what ``Tokenizer.to_json`` wrote.
+
+  Raises:
+    ValueError: not a tokenizer written by mdm_jax (``where`` names the source).
+  """
+  d = json.loads(contents)
+  kind = d.get(_FORMAT_KEY) if isinstance(d, dict) else None
+  if kind is not None:
+    if kind not in _LOADERS:
+      raise ValueError(f"{where}: unknown tokenizer kind {kind!r}; known: {sorted(_LOADERS)}.")
+    return _LOADERS[kind](d)
+  if isinstance(d, dict) and "model" in d:
+    return BPETokenizer.from_json_str(contents)
+  raise ValueError(f"{where} is not a tokenizer file written by mdm_jax.")
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -370,16 +431,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     FileNotFoundError: no such file.
     ValueError: not a tokenizer file.
   """
-  contents = pathlib.Path(path).read_text(encoding="utf-8")
-  d = json.loads(contents)
-  kind = d.get(_FORMAT_KEY) if isinstance(d, dict) else None
-  if kind is not None:
-    if kind not in _LOADERS:
-      raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; known: {sorted(_LOADERS)}.")
-    return _LOADERS[kind](d)
-  if isinstance(d, dict) and "model" in d:
-    return BPETokenizer.from_json_str(contents)
-  raise ValueError(f"{path} is not a tokenizer file written by mdm_jax.")
+  return tokenizer_from_json(pathlib.Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def tokenizer_settings(data_config) -> Dict[str, Any]:
