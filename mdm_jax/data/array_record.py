@@ -43,6 +43,7 @@ import numpy as np
 from mdm_jax.config_utils import ConfigError
 from mdm_jax.data import corpora
 from mdm_jax.data import text as text_lib
+from mdm_jax.data import token_order as token_order_lib
 from mdm_jax.data import tokenizers as tokenizers_lib
 
 FORMAT = "mdm_jax.packed_tokens"
@@ -434,9 +435,10 @@ def prepare(data_config, output_dir: str, *, source: str = "", source_config: st
     tokenizers_lib.tokenizer_settings(data_config)
   except ValueError as e:
     raise PrepareError(str(e)) from e
-  if kind != "corpus" and _token_order(data_config) != "id":
+  order_kind = token_order_lib.configured(data_config)
+  if kind != "corpus" and order_kind != "id":
     raise PrepareError(
-        f"data.token_order={_token_order(data_config)!r} renumbers a local corpus's token stream "
+        f"data.token_order={order_kind!r} renumbers a local corpus's token stream "
         f"in memory, which a streamed --source={source} is not: prepare it with "
         "--config.data.token_order=id (or prepare a local corpus).")
   if kind == "corpus" and str(data_config.dataset) not in corpora.CORPORA:
@@ -677,9 +679,10 @@ class ArrayRecordData:
           f"{self.path} was tokenised with a BPE of bpe_vocab_size={want} (vocab "
           f"{meta['vocab_size']}): set --config.data.bpe_vocab_size={want} {prepared_with}.")
     order = getattr(self.tokenizer, "order_kind", "id")
-    if _token_order(data_config) != order:
+    want_order = token_order_lib.configured(data_config)
+    if want_order != order:
       raise ConfigError(
-          f"config.data.token_order={_token_order(data_config)!r} but the dataset in {self.path} "
+          f"config.data.token_order={want_order!r} but the dataset in {self.path} "
           f"was prepared with token_order={order!r}: set --config.data.token_order={order} "
           f"{prepared_with}.")
     if self.tokenizer.vocab_size != int(meta["vocab_size"]):
@@ -729,10 +732,6 @@ class ArrayRecordData:
   def __repr__(self) -> str:
     return (f"ArrayRecordData({self.path!r}, seq_len={self.seq_len}, train={self.num_train}, "
             f"eval={self.num_eval}, tokenizer={self.tokenizer!r})")
-
-
-def _token_order(data_config) -> str:
-  return str(data_config.get("token_order", "id"))
 
 
 def load_array_record_data(data_config) -> ArrayRecordData:

@@ -90,7 +90,7 @@ def _load_cached_order(cache_dir: str, key: str, vocab_size: int) -> Optional[np
     return None
   if saved.get("key") != key:
     return None
-  if len(order) != vocab_size or not np.array_equal(np.sort(order), np.arange(vocab_size)):
+  if not token_order_lib.is_permutation(order, vocab_size):
     logging.warning("Ignoring %s: not a permutation of the %d-token vocabulary; recomputing it.",
                     path, vocab_size)
     return None
@@ -119,19 +119,17 @@ def apply_token_order(data_config, tokenizer: tokenizers_lib.Tokenizer, train: n
     ``ReorderedTokenizer`` and the rows in its numbering.
 
   Raises:
-    ValueError: an unknown ``data.token_order``.
+    ValueError: an unknown ``data.token_order`` (from ``compute_order``).
   """
-  kind = str(data_config.get("token_order", "id"))
-  if kind not in token_order_lib.TOKEN_ORDERS:
-    raise ValueError(f"data.token_order={kind!r} is not one of "
-                     f"{list(token_order_lib.TOKEN_ORDERS)}.")
+  kind = token_order_lib.configured(data_config)
   if kind == "id":
     return tokenizer, train, evals
   vocab_size = tokenizer.vocab_size
+  seed = int(data_config.get("shuffle_seed", 0))
   h = hashlib.sha256()
   h.update(tokenizer.fingerprint().encode("ascii"))
   h.update(np.ascontiguousarray(train, dtype=np.int32).tobytes())
-  h.update(str(int(data_config.get("shuffle_seed", 0))).encode() if kind == "random" else b"")
+  h.update(str(seed).encode() if kind == "random" else b"")
   key = f"{kind}-{train.size}-{h.hexdigest()}"
   cache_dir = _cache_dir(workdir)
   order = _load_cached_order(cache_dir, key, vocab_size) if cache_dir else None
@@ -140,8 +138,7 @@ def apply_token_order(data_config, tokenizer: tokenizers_lib.Tokenizer, train: n
     logging.info("Loaded the vocabulary order (data.token_order=%r) from %s.", kind, cache_dir)
   else:
     start = time.time()
-    order = token_order_lib.compute_order(kind, train.reshape(-1), vocab_size,
-                                          int(data_config.get("shuffle_seed", 0)))
+    order = token_order_lib.compute_order(kind, train.reshape(-1), vocab_size, seed)
     logging.info("Numbered the %d-token vocabulary (data.token_order=%r) in %.1f s.",
                  vocab_size, kind, time.time() - start)
   reordered = tokenizers_lib.ReorderedTokenizer(tokenizer, order, kind)

@@ -98,7 +98,7 @@ def _leading_direction(x: np.ndarray, iters: int = 30) -> np.ndarray:
 
 
 def bisection_order(coords: np.ndarray) -> np.ndarray:
-  """Leaf order of a recursive median split of ``coords`` rows on their first principal axis.
+  """Leaf order of recursive halving of ``coords`` rows (balanced 2-means from a PCA split).
 
   Args:
     coords: float [N, D].
@@ -115,7 +115,7 @@ def bisection_order(coords: np.ndarray) -> np.ndarray:
       out.extend(np.sort(idx).tolist())
       continue
     x = coords[idx] - coords[idx].mean(axis=0)
-    if not np.any(x):                                 # all alike (e.g. unseen tokens): keep id order
+    if not np.any(x):                                 # all alike (e.g. unseen tokens): id order
       out.extend(idx.tolist())
       continue
     half = len(idx) // 2
@@ -181,6 +181,17 @@ def compute_order(kind: str, tokens, vocab_size: int, seed: int = 0) -> np.ndarr
   if kind == "random":
     return random_order(vocab_size, seed)
   raise ValueError(f"data.token_order={kind!r} is not one of {list(TOKEN_ORDERS)}.")
+
+
+def configured(data_config) -> str:
+  """``data.token_order`` of a ``config.data`` block ("id" where the key is absent)."""
+  return str(data_config.get("token_order", "id"))
+
+
+def is_permutation(order, vocab_size: int) -> bool:
+  """Whether ``order`` holds every id of [0, vocab_size) exactly once."""
+  order = np.asarray(order).reshape(-1)
+  return len(order) == vocab_size and np.array_equal(np.sort(order), np.arange(vocab_size))
 
 
 def rank_of(order: np.ndarray) -> np.ndarray:

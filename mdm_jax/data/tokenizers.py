@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from absl import logging
 import numpy as np
 
+from mdm_jax.data import token_order as token_order_lib
+
 REPLACEMENT_CHAR = "\ufffd"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
@@ -350,15 +352,13 @@ class ReorderedTokenizer(Tokenizer):
 
   def __init__(self, base: Tokenizer, order: Sequence[int], order_kind: str):
     order = np.asarray(order, np.int64).reshape(-1)
-    if len(order) != base.vocab_size or not np.array_equal(np.sort(order),
-                                                           np.arange(base.vocab_size)):
+    if not token_order_lib.is_permutation(order, base.vocab_size):
       raise ValueError(f"A vocabulary order must be a permutation of [0, {base.vocab_size}); "
                        f"got {len(order)} ids.")
     self.base = base
     self.order_kind = str(order_kind)
     self.order = order.astype(np.int32)
-    self.rank = np.empty_like(self.order)
-    self.rank[self.order] = np.arange(len(order), dtype=np.int32)
+    self.rank = token_order_lib.rank_of(order)
     self.name = base.name
 
   @property
