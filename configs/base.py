@@ -122,6 +122,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.every_steps = 0          # 0 = only at the end of training
   c.sampling.seed = 42
   c.sampling.use_ema = True
+  c.sampling.scorer_workdir = ""      # an AR run: add its generative perplexity to sample stats
   # Sampler options: each is passed only to the samplers that take it (mdm_jax/sample.py).
   c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy
   c.sampling.block_len = 0            # confidence: semi-AR blocks (1 = left to right; 0 = off)

@@ -253,9 +253,9 @@ def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array
   return schedule.weight(t) * (1.0 - t_min) * jnp.sum(nll, -1) + recon
 
 
-def ar_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
-            bos_id: int, train: bool = True) -> Tuple[Array, Dict[str, Array]]:
-  """Exact autoregressive NLL per sequence (nats) with a causal backbone.
+def ar_token_nll(apply_fn: ApplyFn, params: Any, tokens: Array, key: Optional[Array] = None, *,
+                 bos_id: int, train: bool = False) -> Array:
+  """-log p(x_i | BOS, x_<i) at every position (nats, float32 [B, L]), causal backbone.
 
   The input is [BOS, x_0 .. x_{L-2}] (BOS = the embedding row the diffusion
   models use for the mask, id V), the target is x_0 .. x_{L-1}.
@@ -266,8 +266,14 @@ def ar_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   t = jnp.zeros((bsz,), jnp.float32)
   logits = apply_fn(params, inputs[..., None], t, train=train, rng=key).astype(jnp.float32)
   lse = jax.scipy.special.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-  return jnp.sum(lse - picked, axis=-1), {}
+  return lse - jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+
+
+def ar_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+            bos_id: int, train: bool = True) -> Tuple[Array, Dict[str, Array]]:
+  """Exact autoregressive NLL per sequence (nats): ``ar_token_nll`` summed over L."""
+  nll = ar_token_nll(apply_fn, params, tokens, key, bos_id=bos_id, train=train)
+  return jnp.sum(nll, axis=-1), {}
 
 
 def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,

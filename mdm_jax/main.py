@@ -4,6 +4,8 @@ Modes:
   train   train (or resume) and write metrics, checkpoints and samples to workdir
   eval    perplexity bound of the latest checkpoint on the eval split
   sample  samples + a JSON of NFE, wall time, tokens/s and entropy from the latest checkpoint
+  score   generative perplexity of sample files (--texts) under the AR run in --workdir,
+          next to held-out text (mdm_jax/eval_text.py); --config is that run's config
   distill Di[M]O: distil the diffusion run in --teacher_workdir into a one-step generator
           (config.distill; mdm_jax/distill.py, docs/images.md)
   prepare tokenize a text source once into ArrayRecord shards of packed sequences in
@@ -32,11 +34,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (e.g. configs/shakespeare_prime.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "prepare", "distill"],
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "sample", "score", "prepare", "distill"],
                           "What to run.")
 _STEPS = flags.DEFINE_integer("sample_steps", None, "sample mode: override sampling.num_steps.")
 _TEACHER = flags.DEFINE_string("teacher_workdir", None, "distill: the trained diffusion run to "
                                "distil (its config must be --config); output goes to --workdir.")
+_TEXTS = flags.DEFINE_list("texts", [], "score: samples files to score (samples/step_N.json or "
+                          ".txt, or any text file), comma-separated.")
 # ---- prepare mode (see docs/data.md); the tokenizer, seq_len and eval_fraction come from --config.
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: the dataset directory to write.")
 _SOURCE = flags.DEFINE_string(
@@ -86,6 +91,25 @@ def run_prepare(config, output: str) -> dict:
   }
 
 
+def run_score(config, workdir: str, paths) -> dict:
+  from mdm_jax import eval_text  # pylint: disable=import-outside-toplevel
+  from mdm_jax.config_utils import ConfigError  # pylint: disable=import-outside-toplevel
+  if not paths:
+    raise app.UsageError("--mode=score needs --texts=FILE[,FILE...] (e.g. "
+                         "runs/prime/samples/step_1600.json).")
+  if config.objective != "ar":
+    raise ConfigError(f"--mode=score scores with the AR run in --workdir; --config has "
+                      f"objective={config.objective!r}. Pass the AR run's config, e.g. "
+                      "--config=configs/shakespeare_ar.py.")
+  scorer = eval_text.load_scorer(workdir, config)   # checks --config against the checkpoint
+  try:
+    results = eval_text.score_files(scorer, paths)
+  except eval_text.ScoreError as e:
+    raise ConfigError(str(e)) from e
+  print(eval_text.format_table(results), file=sys.stderr, flush=True)
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -120,6 +144,8 @@ def main(argv):
       result = distill.distill(config, _TEACHER.value or "", workdir)
     elif _MODE.value == "eval":
       result = train.evaluate_checkpoint(config, workdir)
+    elif _MODE.value == "score":   # generative perplexity under an AR run
+      result = run_score(config, workdir, _TEXTS.value)
     else:
       result = train.sample_checkpoint(config, workdir, num_steps=_STEPS.value)
   except (ConfigError, CheckpointError, FileNotFoundError) as e:
@@ -130,7 +156,7 @@ def main(argv):
 
 parse_flags = config_utils.flags_parser(
     "python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
-    "[--mode=train|eval|sample|prepare|distill] [--config.KEY=VALUE ...]")
+    "[--mode=train|eval|sample|score|prepare|distill] [--config.KEY=VALUE ...]")
 
 
 if __name__ == "__main__":

@@ -143,12 +143,16 @@ class _Null:
 def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *, mesh=None,
                      rules=None, write: bool = True,
                      known_words: Optional[frozenset] = None,
-                     known_bigrams: Optional[frozenset] = None) -> Dict[str, Any]:
+                     known_bigrams: Optional[frozenset] = None,
+                     scorer=None) -> Dict[str, Any]:
   """Generates ``sampling.num_samples`` texts, writes samples/step_N.{txt,json}.
 
   With ``known_words`` (the corpus's words) the stats include
   ``known_word_rate``: the fraction of sampled words that are corpus words; with
-  ``known_bigrams`` also ``known_bigram_rate``, the same for in-line word pairs.
+  ``known_bigrams`` also ``known_bigram_rate``, the same for in-line word pairs; with
+  a ``scorer`` (``eval_text.Scorer``, an AR run) also ``gen_ppl``, the texts'
+  generative perplexity under it, with ``gen_entropy`` and ``gen_nats_per_char``.
+  The JSON holds the texts too, so ``--mode=score`` can score them later.
   """
   res, stats = generate(task, params, config, mesh=mesh, rules=rules)
   if getattr(tokenizer, "is_image", False):   # images: a PNG grid (mdm_jax/data/images.py)
@@ -168,6 +172,11 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
   if known_bigrams:
     from mdm_jax.data.text import known_bigram_rate  # pylint: disable=import-outside-toplevel
     stats["known_bigram_rate"], stats["num_bigrams"] = known_bigram_rate(texts, known_bigrams)
+  if scorer is not None:
+    from mdm_jax.eval_text import score_texts  # pylint: disable=import-outside-toplevel
+    scored = score_texts(scorer, texts)
+    stats.update(gen_ppl=scored["gen_ppl"], gen_nats_per_char=scored["nats_per_char"],
+                 gen_entropy=scored["entropy"], scorer=scored["scorer"])
   if write:
     out = os.path.join(workdir, "samples")
     os.makedirs(out, exist_ok=True)
@@ -176,11 +185,13 @@ def sample_and_write(task, params, config, tokenizer, workdir: str, step: int, *
         f.write(f"===== sample {i} (step {step}, {stats['sampler']}, T={stats['num_steps']}) "
                 f"=====\n{t}\n\n")
     with open(os.path.join(out, f"step_{step}.json"), "w") as f:
-      json.dump(stats, f, indent=2)
+      json.dump({**stats, "texts": texts}, f, indent=2)
     words = (f", {100 * stats['known_word_rate']:.0f}% corpus words" if "known_word_rate" in stats
              else "")
     if "known_bigram_rate" in stats:
       words += f", {100 * stats['known_bigram_rate']:.0f}% corpus word pairs"
+    if "gen_ppl" in stats:
+      words += f", gen ppl {stats['gen_ppl']:.1f} (entropy {stats['gen_entropy']:.2f})"
     print(f"\n----- sample 0 at step {step} ({stats['sampler']}, NFE {stats['nfe']}, "
           f"{stats['tokens_per_s']:.0f} tok/s{words}) -----\n{texts[0][:600]}\n-----",
           file=sys.stderr, flush=True)

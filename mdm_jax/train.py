@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdm_jax import checkpoint as ckpt_lib
 from mdm_jax import config_utils
+from mdm_jax import eval_text
 from mdm_jax import losses
 from mdm_jax import metrics_writer
 from mdm_jax import multivariate
@@ -348,13 +349,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   def eval_params(s):
     return s.ema_params if config.eval.use_ema else s.params
 
+  scorer = eval_text.scorer_from_config(config)   # sampling.scorer_workdir: gen ppl of samples
+
   def do_sample(s, step):
     if not is_main and jax.process_count() == 1:
       return
     sample_lib.sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params,
                                 config, data.tokenizer, workdir, step, mesh=mesh, rules=rules,
                                 write=is_main, known_words=getattr(data, "known_words", None),
-                                known_bigrams=getattr(data, "known_bigrams", None))
+                                known_bigrams=getattr(data, "known_bigrams", None),
+                                scorer=scorer)
 
   metrics = None
   with jax.set_mesh(mesh):
@@ -467,6 +471,7 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
                                     int(state.step), mesh=mesh, rules=rules,
                                     write=jax.process_index() == 0,
                                     known_words=getattr(data, "known_words", None),
-                                    known_bigrams=getattr(data, "known_bigrams", None))
+                                    known_bigrams=getattr(data, "known_bigrams", None),
+                                    scorer=eval_text.scorer_from_config(config))
   out.pop("texts", None)
   return out

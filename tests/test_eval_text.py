@@ -1,0 +1,146 @@
+"""Generative perplexity (mdm_jax/eval_text.py): exact AR scores of texts, and --mode=score."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdm_jax import eval_text
+from mdm_jax import losses
+from mdm_jax.config_utils import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AR_TINY = "--config=configs/shakespeare_ar.py:tiny"
+CHAR = "--config.data.tokenizer=char"
+
+
+def _run(args, expect_ok=True):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "mdm_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if expect_ok and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+  """A tiny character-level AR run (150 steps): decode -> encode is the identity."""
+  wd = str(tmp_path_factory.mktemp("ar_tiny"))
+  _run([AR_TINY, CHAR, f"--workdir={wd}", "--config.training.num_steps=150",
+        "--config.training.learning_rate=1e-2"])
+  return wd
+
+
+@pytest.fixture(scope="module")
+def scorer(ar_run):
+  return eval_text.load_scorer(ar_run)       # the config comes from the run's config.json
+
+
+def _ar_nll(scorer, rows):
+  rows = jnp.asarray(np.asarray(rows, np.int32))
+  return np.asarray(losses.ar_loss(scorer.task.apply_fn, scorer.params, rows,
+                                   jax.random.PRNGKey(0), bos_id=scorer.task.codec.mask_id,
+                                   train=False)[0])
+
+
+def test_held_out_rows_score_their_exact_ar_nll(scorer):
+  rows = np.asarray(scorer.eval_rows[:5])
+  texts = [scorer.tokenizer.decode(r) for r in rows]
+  r = eval_text.score_texts(scorer, texts, batch_size=4)   # 5 windows: a padded second batch
+  assert r["num_tokens"] == rows.size and r["num_texts"] == 5
+  want = _ar_nll(scorer, rows)
+  np.testing.assert_allclose(r["nats_per_token"], want.sum() / rows.size, rtol=1e-5)
+  np.testing.assert_allclose(r["gen_ppl"], np.exp(want.sum() / rows.size), rtol=1e-5)
+  np.testing.assert_allclose(np.log(r["per_text"]), want / rows.shape[1], rtol=1e-5)
+  assert r["nats_per_char"] == pytest.approx(want.sum() / sum(map(len, texts)), rel=1e-5)
+
+
+def test_a_long_text_is_scored_in_windows_that_each_start_from_bos(scorer):
+  ids = np.asarray(scorer.eval_rows[:3]).reshape(-1)
+  length = scorer.seq_len
+  ids = ids[:2 * length + 7]                       # two full windows and 7 tokens
+  r = eval_text.score_texts(scorer, [scorer.tokenizer.decode(ids)])
+  want = (_ar_nll(scorer, ids[:2 * length].reshape(2, length)).sum()
+          + _ar_nll(scorer, ids[None, 2 * length:]).sum())     # the tail as a 7-token row
+  assert r["num_tokens"] == len(ids)
+  np.testing.assert_allclose(r["nats_per_token"] * len(ids), want, rtol=1e-5)
+
+
+def test_real_text_scores_better_than_random_characters(scorer):
+  refs = eval_text.reference_texts(scorer, 4, 100)
+  assert len(refs) == 4 and all(len(t) == 100 for t in refs) and len(set(refs)) == 4
+  chars = scorer.tokenizer.chars
+  rng = np.random.default_rng(0)
+  noise = ["".join(rng.choice(list(chars), 100)) for _ in range(4)]
+  real, rand = eval_text.score_texts(scorer, refs), eval_text.score_texts(scorer, noise)
+  assert real["gen_ppl"] < 0.5 * rand["gen_ppl"]
+  assert 0 < real["entropy"] < rand["entropy"] <= np.log(len(chars)) + 1e-6
+  repeated = eval_text.score_texts(scorer, [refs[0][:10] * 10])
+  assert repeated["entropy"] < real["entropy"] and repeated["distinct_tokens"] <= 0.1
+
+
+def test_read_texts_takes_sample_json_sample_txt_and_plain_text(tmp_path):
+  texts = ["First line\nsecond line", "  indented\n\nwith a gap", "x"]
+  (tmp_path / "s.json").write_text(json.dumps({"sampler": "ancestral", "texts": texts}))
+  with open(tmp_path / "s.txt", "w") as f:     # the layout sample_and_write writes
+    for i, t in enumerate(texts):
+      f.write(f"===== sample {i} (step 5, ancestral, T=16) =====\n{t}\n\n")
+  (tmp_path / "plain.txt").write_text("To be, or not to be")
+  assert eval_text.read_texts(str(tmp_path / "s.json")) == texts
+  assert eval_text.read_texts(str(tmp_path / "s.txt")) == texts
+  assert eval_text.read_texts(str(tmp_path / "plain.txt")) == ["To be, or not to be"]
+  (tmp_path / "old.json").write_text(json.dumps({"sampler": "ancestral"}))
+  with pytest.raises(eval_text.ScoreError, match="no 'texts'"):
+    eval_text.read_texts(str(tmp_path / "old.json"))
+  with pytest.raises(FileNotFoundError):
+    eval_text.read_texts(str(tmp_path / "missing.json"))
+
+
+def test_only_an_ar_run_can_score(tmp_path, scorer):
+  with pytest.raises(ConfigError, match="no config.json"):
+    eval_text.load_scorer(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"objective": "diffusion"}))
+  with pytest.raises(ConfigError, match="autoregressive"):
+    eval_text.load_scorer(str(tmp_path))
+  with pytest.raises(eval_text.ScoreError):
+    eval_text.score_texts(scorer, [])
+
+
+def test_samples_carry_gen_ppl_when_a_scorer_is_set(ar_run, scorer):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mdm_jax import train  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(json.load(open(os.path.join(ar_run, "config.json"))))
+  config.mesh.shape = tuple(config.mesh.shape)
+  config.sampling.scorer_workdir = ar_run          # the run scores its own samples
+  out = train.sample_checkpoint(config, ar_run)
+  sdir = os.path.join(ar_run, "samples")
+  newest = max((os.path.join(sdir, f) for f in os.listdir(sdir) if f.endswith(".json")),
+               key=os.path.getmtime)
+  written = json.load(open(newest))
+  again = eval_text.score_texts(scorer, written["texts"])
+  assert written["gen_ppl"] == pytest.approx(again["gen_ppl"], rel=1e-6)
+  assert out["gen_ppl"] == written["gen_ppl"] and out["gen_entropy"] == again["entropy"]
+
+
+def test_score_mode_on_the_command_line(ar_run, tmp_path):
+  samples = sorted(f for f in os.listdir(os.path.join(ar_run, "samples")) if f.endswith(".json"))
+  path = os.path.join(ar_run, "samples", samples[-1])
+  proc = _run([AR_TINY, CHAR, f"--workdir={ar_run}", "--mode=score", f"--texts={path}"])
+  out = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert out[path]["gen_ppl"] > 1.0 and out[path]["num_texts"] == 2
+  ref = out["reference (held-out text)"]
+  assert ref["num_texts"] == 2 and ref["gen_ppl"] > 1.0
+  assert "| texts | gen ppl |" in proc.stderr
+  bad = _run([AR_TINY, CHAR, f"--workdir={ar_run}", "--mode=score"], expect_ok=False)
+  assert bad.returncode != 0 and "--texts" in bad.stderr
+  wrong = _run(["--config=configs/shakespeare_prime.py:tiny", f"--workdir={ar_run}",
+                "--mode=score", f"--texts={path}"], expect_ok=False)
+  assert wrong.returncode == 2 and "configs/shakespeare_ar.py" in wrong.stderr
+  assert "Traceback" not in wrong.stderr
