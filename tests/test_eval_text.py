@@ -144,3 +144,22 @@ def test_score_mode_on_the_command_line(ar_run, tmp_path):
                 "--mode=score", f"--texts={path}"], expect_ok=False)
   assert wrong.returncode == 2 and "configs/shakespeare_ar.py" in wrong.stderr
   assert "Traceback" not in wrong.stderr
+
+
+def test_sampler_table_scores_each_row(ar_run, scorer):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from mdm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
+  from mdm_jax.benchmarks import sampler_table  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(json.load(open(os.path.join(ar_run, "config.json"))))
+  config.mesh.shape = tuple(config.mesh.shape)
+  config.sampling.scorer_workdir = ar_run
+  rows = sampler_table.run_table(config, ar_run, ["ar"], steps=[8], num_samples=2)
+  res, _ = sample_lib.generate(scorer.task, scorer.params, config, num_steps=8, sampler="ar",
+                               num_samples=2)            # the same seed: the same samples
+  again = eval_text.score_texts(scorer, [scorer.tokenizer.decode(r)
+                                         for r in np.asarray(res.tokens)])
+  assert rows[0]["gen_ppl"] == pytest.approx(again["gen_ppl"], rel=1e-5)
+  table = sampler_table.markdown(rows).splitlines()
+  assert table[0].endswith("gen ppl | gen entropy |") and f"{again['gen_ppl']:.1f}" in table[2]
+  assert "gen ppl" not in sampler_table.markdown([{k: v for k, v in rows[0].items()
+                                                   if not k.startswith("gen_")}])

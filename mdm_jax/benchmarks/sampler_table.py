@@ -16,7 +16,9 @@ for the samplers that reveal something at every step); tok/s = generated
 tokens per second of the compiled sampler (compile time excluded, reported
 separately in the JSON); entropy = mean per-sample unigram entropy (nats,
 algorithms.md §8.2).  Extra per-sampler numbers (adaptive "steps", corrector
-"remasked") are kept in the JSON.
+"remasked") are kept in the JSON.  With ``--config.sampling.scorer_workdir=AR_RUN``
+(text models) every row also gets the samples' generative perplexity under that AR
+run and the entropy of the scored tokens (``mdm_jax/eval_text.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -56,14 +59,20 @@ def run_table(config, workdir: str, samplers: Optional[Sequence[str]] = None,
   """One row per (sampler, T), from ``sample.generate`` on the restored checkpoint."""
   from mdm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
   from mdm_jax import train  # pylint: disable=import-outside-toplevel
-  task, state, mesh, rules, _, _ = train.restore_for_inference(config, workdir)
+  from mdm_jax import eval_text  # pylint: disable=import-outside-toplevel
+  task, state, mesh, rules, data, _ = train.restore_for_inference(config, workdir)
   params = state.ema_params if config.sampling.use_ema else state.params
+  scorer = eval_text.scorer_from_config(config)
   samplers = list(samplers or default_samplers(task.objective))
   rows = []
   for name in samplers:
     for t in steps:
-      _, st = sample_lib.generate(task, params, config, num_steps=int(t), sampler=name,
-                                  num_samples=num_samples, mesh=mesh, rules=rules)
+      res, st = sample_lib.generate(task, params, config, num_steps=int(t), sampler=name,
+                                    num_samples=num_samples, mesh=mesh, rules=rules)
+      if scorer is not None:
+        scored = eval_text.score_texts(
+            scorer, [data.tokenizer.decode(r) for r in np.asarray(res.tokens)])
+        st = {**st, "gen_ppl": scored["gen_ppl"], "gen_entropy": scored["entropy"]}
       row = {"sampler": name, "T": int(t), "NFE": st["nfe"],
              "idle_fraction": st.get("idle_fraction"), "tokens_per_s": st["tokens_per_s"],
              "sample_entropy": st["sample_entropy"]}
@@ -71,19 +80,27 @@ def run_table(config, workdir: str, samplers: Optional[Sequence[str]] = None,
                   and k not in row})
       row["step"] = int(state.step)
       rows.append(row)
+      gen = f" gen ppl {st['gen_ppl']:.1f}" if "gen_ppl" in st else ""
       print(f"{name:>14s} T={t:<5d} NFE={st['nfe']:<6d} {st['tokens_per_s']:10.1f} tok/s "
-            f"entropy {st['sample_entropy']:.3f}", file=sys.stderr, flush=True)
+            f"entropy {st['sample_entropy']:.3f}{gen}", file=sys.stderr, flush=True)
   return rows
 
 
 def markdown(rows: Sequence[Dict[str, Any]]) -> str:
-  """The rows as a markdown table (sampler, T, NFE, idle-step fraction, tokens/s, entropy)."""
-  out = ["| sampler | T | NFE | idle-step fraction | tokens/s | sample entropy (nats) |",
-         "|---|---:|---:|---:|---:|---:|"]
+  """The rows as a markdown table (sampler, T, NFE, idle-step fraction, tokens/s, entropy;
+  gen ppl and its entropy when the rows were scored)."""
+  gen = any("gen_ppl" in r for r in rows)
+  out = ["| sampler | T | NFE | idle-step fraction | tokens/s | sample entropy (nats) |"
+         + (" gen ppl | gen entropy |" if gen else ""),
+         "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if gen else "")]
   for r in rows:
     idle = "n/a" if r.get("idle_fraction") is None else f"{r['idle_fraction']:.3f}"
-    out.append(f"| {r['sampler']} | {r['T']} | {r['NFE']} | {idle} | "
-               f"{r['tokens_per_s']:.1f} | {r['sample_entropy']:.3f} |")
+    line = (f"| {r['sampler']} | {r['T']} | {r['NFE']} | {idle} | "
+            f"{r['tokens_per_s']:.1f} | {r['sample_entropy']:.3f} |")
+    if gen:
+      line += (f" {r['gen_ppl']:.1f} | {r['gen_entropy']:.2f} |" if "gen_ppl" in r
+               else " – | – |")
+    out.append(line)
   return "\n".join(out)
 
 
