@@ -68,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False   # MDLM default: time-agnostic network (enables sampler caching)
   c.model.tie_embeddings = False      # only possible with prime.ell == 1
   c.model.digit_merge = "concat"      # Prime input: concat (paper, D/ell per digit) | sum (v2)
+                                      # | joint (one row per partial state, (b+1)**ell rows)
   c.model.per_slot_tables = False     # v2 "non-shared": one digit table per slot
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"

@@ -22,7 +22,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "training.loss_weighting": ("elbo", "flat"),
-    "model.digit_merge": ("concat", "sum"),
+    "model.digit_merge": ("concat", "sum", "joint"),
     "checkpoint.restore": ("latest", "best"),
     "sampling.confidence": ("prob", "max_prob", "margin", "neg_entropy"),
     "sampling.punt_confidence": ("prob", "max_prob", "margin", "neg_entropy"),

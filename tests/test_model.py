@@ -60,6 +60,36 @@ def test_sum_embedding_locality_and_tables(per_slot):
   np.testing.assert_allclose(e0, table[rows].sum(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("ell,b", [(1, 11), (2, 8), (3, 4)])
+def test_joint_embedding_one_row_per_partial_state(ell, b):
+  cfg = DiTConfig(vocab_size=b ** ell, ell=ell, base=b, d_model=16, num_heads=2,
+                  digit_merge="joint")
+  emb = SubTokenEmbed(cfg)
+  # Every partial state of one token (each digit in 0..b, b = masked), one per position.
+  states = np.stack(np.meshgrid(*[np.arange(b + 1)] * ell, indexing="ij"), -1).reshape(1, -1, ell)
+  params = nn.unbox(emb.init(jax.random.key(0), jnp.asarray(states)))
+  table = np.asarray(params["params"]["table"])
+  assert table.shape == ((b + 1) ** ell, 16)
+  out = np.asarray(emb.apply(params, jnp.asarray(states)))[0]
+  # A bijection between partial states and rows: the i-th state (row-major) reads row i.
+  np.testing.assert_array_equal(out, table)
+  # Changing one digit of one token moves that token's vector only.
+  digits = jnp.asarray(np.random.default_rng(1).integers(0, b + 1, (2, 5, ell)))
+  base = np.asarray(emb.apply(params, digits))
+  changed = digits.at[0, 2, ell - 1].set((digits[0, 2, ell - 1] + 1) % (b + 1))
+  moved = np.abs(np.asarray(emb.apply(params, changed)) - base).max(-1) > 0
+  assert moved[0, 2] and moved.sum() == 1
+
+
+def test_joint_embedding_validated():
+  with pytest.raises(ValueError, match=r"\(b\+1\)\*\*ell"):
+    DiTConfig(vocab_size=2 ** 24, ell=2, base=2 ** 12, d_model=16, num_heads=2,
+              digit_merge="joint")
+  with pytest.raises(ValueError, match="per_slot_tables"):
+    DiTConfig(vocab_size=64, ell=2, base=8, d_model=16, num_heads=2, digit_merge="joint",
+              per_slot_tables=True)
+
+
 def test_embedding_options_validated_and_model_runs():
   with pytest.raises(ValueError, match="digit_merge"):
     DiTConfig(vocab_size=60, ell=2, base=8, d_model=48, num_heads=2, digit_merge="mean")

@@ -71,7 +71,8 @@ class DiTConfig:
                                          # wait for attention to learn to look next door
   digit_merge: str = "concat"            # Prime input layer: "concat" (the paper: each digit
                                          # a D/ell-wide slice) | "sum" (v2: each digit a full
-                                         # D-wide vector, summed over the ell slots)
+                                         # D-wide vector, summed over the ell slots) | "joint"
+                                         # (one D-wide row per partial state, (b+1)**ell rows)
   per_slot_tables: bool = False          # v2 "non-shared": one table per digit slot instead
                                          # of one table shared by all slots
 
@@ -89,8 +90,16 @@ class DiTConfig:
     if self.local_conv < 0 or (self.local_conv and not self.causal and self.local_conv % 2 == 0):
       raise ValueError(f"model.local_conv={self.local_conv} must be 0 (off) or a positive odd "
                        "width (a centred kernel; the causal AR model also accepts even widths).")
-    if self.digit_merge not in ("concat", "sum"):
-      raise ValueError(f"model.digit_merge must be concat|sum, got {self.digit_merge!r}.")
+    if self.digit_merge not in ("concat", "sum", "joint"):
+      raise ValueError(f"model.digit_merge must be concat|sum|joint, got {self.digit_merge!r}.")
+    if self.digit_merge == "joint" and (self.base + 1) ** self.ell > _MAX_JOINT_ROWS:
+      raise ValueError(
+          f"model.digit_merge='joint' needs a table of (b+1)**ell = {(self.base + 1) ** self.ell:,} "
+          f"rows (b={self.base}, ell={self.ell}); the limit is {_MAX_JOINT_ROWS:,}. Use "
+          "model.digit_merge='concat' or 'sum' for this vocabulary.")
+    if self.digit_merge == "joint" and self.per_slot_tables:
+      raise ValueError("model.per_slot_tables has no meaning with model.digit_merge='joint' "
+                       "(one row per partial state already); set it to False.")
     if self.tie_embeddings and (self.digit_merge != "concat" or self.per_slot_tables):
       raise ValueError("model.tie_embeddings needs the plain input table "
                        "(model.digit_merge='concat', model.per_slot_tables=False).")
@@ -98,6 +107,9 @@ class DiTConfig:
       raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"model.attention_impl must be xla|cudnn, got {self.attention_impl!r}.")
+
+
+_MAX_JOINT_ROWS = 1 << 20
 
 
 def _dense_init(names, scale=1.0):
@@ -269,14 +281,21 @@ class SubTokenEmbed(nn.Module):
   told apart by where its vector lands (zero-padded up to D when ell does not
   divide D); ``"sum"`` gives each a D-wide vector and sums them.  With
   ``per_slot_tables`` slot j reads its own rows (offset j * (b + 1)) of one table.
+  ``"joint"`` gives every partial state of a token its own D-wide row: the ell
+  digits, each in 0..b (b = masked), read as one base-(b + 1) number, so (b + 1)**ell
+  rows, about V * (1 + 1/b)**ell.  A fully observed token then has its own vector, as
+  in the plain MDM, and a half-seen one a vector for exactly what is seen.
   Changing digit j of token i only changes token i's vector either way.
   """
   cfg: DiTConfig
 
   def setup(self):
     cfg = self.cfg
-    rows = (cfg.base + 1) * (cfg.ell if cfg.per_slot_tables else 1)
-    width = cfg.d_model if cfg.digit_merge == "sum" else cfg.d_model // cfg.ell
+    if cfg.digit_merge == "joint":
+      rows, width = (cfg.base + 1) ** cfg.ell, cfg.d_model
+    else:
+      rows = (cfg.base + 1) * (cfg.ell if cfg.per_slot_tables else 1)
+      width = cfg.d_model if cfg.digit_merge == "sum" else cfg.d_model // cfg.ell
     self.table = self.param(
         "table", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (rows, width), cfg.param_dtype)
@@ -284,6 +303,10 @@ class SubTokenEmbed(nn.Module):
   def __call__(self, digits):
     cfg = self.cfg
     b, l, ell = digits.shape
+    if cfg.digit_merge == "joint":
+      # One row per partial state: the digits (mask = b) read as a base-(b+1) number.
+      place = (cfg.base + 1) ** jnp.arange(ell - 1, -1, -1, dtype=digits.dtype)
+      return jnp.take(self.table, jnp.sum(digits * place, axis=-1), axis=0).astype(cfg.dtype)
     if cfg.per_slot_tables:
       digits = digits + (cfg.base + 1) * jnp.arange(ell, dtype=digits.dtype)
     e = jnp.take(self.table, digits, axis=0)            # [B, L, ell, width]
