@@ -55,6 +55,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.grad_scale = 0.05        # learned_poly: gradient scale of its parameters (Adam-invariant;
                                       # keeps their noisy gradient out of the global-norm clip)
   c.schedule.sharpness = 1.0          # left_to_right: 0 = linear MDM, 1 = exactly left-to-right AR
+  c.schedule.slot_tilt = 1.0          # slot_poly (per-digit, Prime): alpha_j = 1 - t**w_j with
+                                      # log w_j = tilt (ell-1-j)/(ell-1) (min 0); > 0 decodes a token's
+                                      # leading digit first (coarse to fine), 0 = linear
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()

@@ -43,6 +43,15 @@ Families (``config.schedule.name``; one config line switches from ``cosine``):
   within exp(-lambda L) of 1, which float32 cannot represent beyond lambda L ~ 15,
   so the fixed-order family uses windows instead.
 
+* ``slot_poly`` (Prime, per *digit* rather than per position): alpha_j(t) = 1 - t**w_j
+  for digit slot j of every token, weight w_j / t on each masked digit, with
+  log w_j = kappa (ell-1-j)/(ell-1) shifted to min 0 (kappa = ``schedule.slot_tilt``).
+  kappa > 0 masks the leading digits later, so generation decodes them first: coarse
+  to fine, and with ``data.token_order=context`` the leading digit is a word class, so
+  the sampler writes the sentence's classes before its words.  The same ELBO with a
+  per-digit hazard (each masked digit scored by its marginal, ``losses.digit_marginal_nll``);
+  only the ``marginal`` form defines it.  kappa = 0 is the linear schedule, draw for draw.
+
 Gradient estimator for the schedule parameters (§2.5 (a)).  The mask pattern
 is discrete, so the pathwise derivative through it is zero; the gradient of
 E_z[f(z; w)] is E[d f/dw] + E[f d log q_w(z|t)/dw].  Training draws
@@ -93,7 +102,7 @@ from mdm_jax import prime as prime_lib
 from mdm_jax.schedules import SCHEDULES
 
 Array = jax.Array
-FAMILIES = ("poly", "window")
+FAMILIES = ("poly", "window", "slot")
 ORDER_PARAMS = ("free", "mlp")
 
 
@@ -175,6 +184,8 @@ class MultivariateSchedule:
   order_module: Optional[nn.Module] = None     # poly: params["schedule"] -> log w [L]
   sharpness: float = 1.0                       # window: kappa
   num_masks: int = 2                           # masks per sequence in training (RLOO)
+  slot_tilt: float = 0.0                       # slot: kappa (> 0: leading digits decoded first)
+  ell: int = 1                                 # slot: digits per token (set by ``for_codec``)
   grad_scale: float = 1.0                      # multiplies d loss / d (schedule params)
   multivariate: bool = dataclasses.field(default=True, init=False)
 
@@ -194,9 +205,46 @@ class MultivariateSchedule:
     i = jnp.arange(length, dtype=jnp.float32)
     return k * (length - 1 - i) / length, 1.0 - k * (length - 1) / length
 
+  def for_codec(self, codec: prime_lib.PrimeCodec) -> "MultivariateSchedule":
+    """The schedule for this codec's ell (the slot family has one exponent per digit)."""
+    return dataclasses.replace(self, ell=int(codec.ell)) if self.family == "slot" else self
+
+  def slot_log_w(self) -> Array:
+    """slot: log-exponents [ell], kappa (ell - 1 - j) / (ell - 1) shifted so the smallest is 0.
+
+    No exponent is below 1, so every digit is as unmasked at t_min as under the linear
+    schedule (t_min**w <= t_min) and the [0, t_min] reconstruction term stays negligible;
+    a w < 1 would leave t_min**w of that digit masked (0.001**0.37 = 8%) and pay
+    log b for each in the bound.
+    """
+    if self.ell == 1:
+      return jnp.zeros((1,), jnp.float32)
+    j = jnp.arange(self.ell, dtype=jnp.float32)
+    lw = float(self.slot_tilt) * (self.ell - 1 - j) / (self.ell - 1)
+    return lw - jnp.min(lw)
+
+  # ---- per-digit schedule, t [B] -> [B, L, S] (f32); S = ell for the slot family, else 1
+  def mask_prob_ij(self, params, t: Array, length: int) -> Array:
+    """1 - alpha_ij(t): position i, digit j (S = 1: the same for every digit of a token)."""
+    if self.family != "slot":
+      return self.mask_prob_i(params, t, length)[..., None]
+    t = jnp.asarray(t, jnp.float32)[:, None, None]
+    w = jnp.exp(self.slot_log_w())[None, None, :]
+    return jnp.broadcast_to(jnp.exp(w * jnp.log(t)), (t.shape[0], length, self.ell))
+
+  def weight_ij(self, params, t: Array, length: int) -> Array:
+    """The ELBO weight -alpha_ij'(t) / (1 - alpha_ij(t)) [B, L, S]."""
+    if self.family != "slot":
+      return self.weight_i(params, t, length)[..., None]
+    t = jnp.asarray(t, jnp.float32)[:, None, None]
+    w = jnp.exp(self.slot_log_w())[None, None, :]
+    return jnp.broadcast_to(w / t, (t.shape[0], length, self.ell))
+
   # ---- per-position schedule, t [B] -> [B, L] (f32)
   def mask_prob_i(self, params, t: Array, length: int) -> Array:
-    """1 - alpha_i(t)."""
+    """1 - alpha_i(t) (the slot family: the mean over a token's digits)."""
+    if self.family == "slot":
+      return jnp.mean(self.mask_prob_ij(params, t, length), axis=-1)
     t = jnp.asarray(t, jnp.float32)[:, None]
     if self.family == "poly":
       w = jnp.exp(self.log_w(params, length))[None, :]
@@ -208,7 +256,9 @@ class MultivariateSchedule:
     return 1.0 - self.mask_prob_i(params, t, length)
 
   def weight_i(self, params, t: Array, length: int) -> Array:
-    """The ELBO weight -alpha_i'(t) / (1 - alpha_i(t)) >= 0."""
+    """The ELBO weight -alpha_i'(t) / (1 - alpha_i(t)) >= 0 (not defined per token for slot)."""
+    if self.family == "slot":
+      raise ValueError("The slot schedule weights each digit on its own: use weight_ij.")
     t = jnp.asarray(t, jnp.float32)[:, None]
     if self.family == "poly":
       return jnp.exp(self.log_w(params, length))[None, :] / t
@@ -230,14 +280,17 @@ class MultivariateSchedule:
   def reconstruction(self, params, t_min: float, length: int,
                      codec: prime_lib.PrimeCodec) -> Array:
     """Exact cost of [0, t_min] under a uniform decoder (see losses.reconstruction_bound)."""
-    p = self.mask_prob_i(params, jnp.full((1,), t_min, jnp.float32), length)
-    return jnp.sum(p) * codec.ell * math.log(codec.base)
+    p = self.mask_prob_ij(params, jnp.full((1,), t_min, jnp.float32), length)
+    return jnp.sum(p) * (codec.ell // p.shape[-1]) * math.log(codec.base)
 
   # ---- population (univariate) view, for samplers that need one rate
   def alpha(self, t):
     t = jnp.asarray(t, jnp.float32)
     if self.family == "poly":
       return 1.0 - t
+    if self.family == "slot":
+      w = jnp.exp(self.slot_log_w())
+      return 1.0 - jnp.mean(jnp.exp(w * jnp.log(t)[..., None]), axis=-1)
     # mean over positions of the window schedule, for a nominal L = 1024
     return jnp.mean(self.alpha_i(None, jnp.reshape(t, (-1,)), 1024), -1).reshape(t.shape)
 
@@ -250,12 +303,17 @@ class MultivariateSchedule:
     if self.family == "poly":
       w = jnp.exp(self.log_w(params, length))
       return w / (w + 1.0)
+    if self.family == "slot":   # the mean over a token's digits
+      w = jnp.exp(self.slot_log_w())
+      return jnp.full((length,), jnp.mean(w / (w + 1.0)), jnp.float32)
     a, d = self.window(length)
     return a + 0.5 * d
 
   def sample_mask_times(self, params, key: Array, num: int, length: int) -> Array:
     """tau [num, L] from the forward process (inverse transform of U(0,1))."""
     u = jax.random.uniform(key, (num, length), jnp.float32, minval=1e-12, maxval=1.0)
+    if self.family == "slot":
+      raise ValueError("The slot schedule masks digits, not positions: no per-position times.")
     if self.family == "poly":
       w = jnp.exp(self.log_w(params, length))[None, :]
       return jnp.exp(jnp.log(u) / w)
@@ -263,8 +321,8 @@ class MultivariateSchedule:
     return a[None, :] + d * u
 
   def position_alpha_fn(self, params, length: int) -> Callable[[Array], Array]:
-    """A closure scalar t -> alpha_i(t) [L], for the ancestral sampler."""
-    return lambda t: self.alpha_i(params, jnp.reshape(t, (1,)), length)[0]
+    """A closure scalar t -> alpha_ij(t) [L, S] (S = ell for slot, else 1), for the samplers."""
+    return lambda t: 1.0 - self.mask_prob_ij(params, jnp.reshape(t, (1,)), length)[0]
 
 
 def is_multivariate(schedule) -> bool:
@@ -304,10 +362,27 @@ def left_to_right(config=None) -> MultivariateSchedule:
                               sharpness=kappa, num_masks=1)
 
 
+@SCHEDULES.register("slot_poly")
+def slot_poly(config=None) -> MultivariateSchedule:
+  """Per-digit polynomial exponents: alpha_j = 1 - t**w_j, ELBO weight w_j / t.
+
+  log w_j = kappa (ell - 1 - j) / (ell - 1), shifted so that min_j w_j = 1 (see
+  ``slot_log_w``).  kappa = ``schedule.slot_tilt`` > 0 masks a token's leading (most
+  significant) digits later, so the sampler decodes them first (coarse to fine: with
+  ``data.token_order=context`` the leading digit is a word class); 0 is the linear
+  schedule; < 0 decodes the trailing digits first.  Fixed, so no extra training cost.
+  """
+  kappa = float(config.get("slot_tilt", 1.0)) if config is not None else 1.0
+  if not math.isfinite(kappa) or abs(kappa) > 10.0:
+    raise ValueError(f"schedule.slot_tilt must be a finite number in [-10, 10], got {kappa}.")
+  return MultivariateSchedule(name="slot_poly", family="slot", learned=False,
+                              slot_tilt=kappa, num_masks=1)
+
+
 # ----------------------------------------------------------------- losses
 def _draw_masks(key, digits, p_mask, mask_id, row_ids):
-  """Noisy digits [B, L, ell] with per-position mask probabilities p_mask [B, L]."""
-  p = p_mask[..., None]
+  """Noisy digits [B, L, ell] with mask probabilities p_mask [B, L, S] (S = 1 or ell)."""
+  p = p_mask
   if row_ids is None:
     return prime_lib.mask_digits(key, digits, p, mask_id)
   return jax.vmap(lambda r, d, q: prime_lib.mask_digits(
@@ -338,7 +413,11 @@ def diffusion_loss(apply_fn, params, tokens: Array, key: Array, *,
   if num_masks is None:
     num_masks = schedule.num_masks if (train and schedule.learned) else 1
   digits = codec.encode(tokens)
-  p_mask = schedule.mask_prob_i(params, t, length)                       # [B, L]
+  slot = schedule.family == "slot"
+  if slot and cfg.form != "marginal":
+    raise ValueError("schedule.name='slot_poly' weights every digit on its own, which only the "
+                     "marginal form defines: set prime.loss='marginal'.")
+  p_mask = schedule.mask_prob_ij(params, t, length)                      # [B, L, S]
   keys = [k_m] + [jax.random.fold_in(k_m, j) for j in range(1, num_masks)]
   noisy = jnp.concatenate(
       [_draw_masks(k, digits, jax.lax.stop_gradient(p_mask), codec.mask_id, row_ids)
@@ -348,10 +427,17 @@ def diffusion_loss(apply_fn, params, tokens: Array, key: Array, *,
   tt = jnp.tile(t, num_masks)
   logits = apply_fn(params, noisy, tt, train=train, rng=k_net)
   chex.assert_shape(logits, (num_masks * bsz, length, codec.vocab_size))
-  nll = losses_lib.prime_token_nll(logits, noisy, jnp.tile(digits, (num_masks, 1, 1)), codec,
-                                   cfg.form, cfg.carry_over)             # [K B, L]
-  weight = schedule.weight_i(params, t, length) * (1.0 - cfg.t_min)      # [B, L]
-  f = jnp.sum(jnp.tile(weight, (num_masks, 1)) * nll, axis=-1).reshape(num_masks, bsz)
+  clean = jnp.tile(digits, (num_masks, 1, 1))
+  if slot:   # every masked digit with its own weight
+    nll = losses_lib.digit_marginal_nll(logits, noisy if cfg.carry_over else None, clean, codec)
+    nll = jnp.where(noisy == codec.mask_id, nll, 0.0)                    # [K B, L, ell]
+    weight = schedule.weight_ij(params, t, length) * (1.0 - cfg.t_min)   # [B, L, ell]
+    f = jnp.sum(jnp.tile(weight, (num_masks, 1, 1)) * nll, axis=(1, 2)).reshape(num_masks, bsz)
+  else:
+    nll = losses_lib.prime_token_nll(logits, noisy, clean, codec, cfg.form,
+                                     cfg.carry_over)                     # [K B, L]
+    weight = schedule.weight_i(params, t, length) * (1.0 - cfg.t_min)    # [B, L]
+    f = jnp.sum(jnp.tile(weight, (num_masks, 1)) * nll, axis=-1).reshape(num_masks, bsz)
   loss = jnp.mean(f, axis=0) + schedule.reconstruction(params, cfg.t_min, length, codec)
   masked = noisy == codec.mask_id
   if num_masks >= 2 and schedule.learned:

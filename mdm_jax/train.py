@@ -117,6 +117,8 @@ def build_task(config, vocab_size: int) -> Task:
       weighting=str(config.training.get("loss_weighting", "elbo")),
       chunk_point=float(config.prime.get("chunk_point", 1.0)))
   schedule = get_schedule(config.schedule)
+  if multivariate.is_multivariate(schedule):
+    schedule = schedule.for_codec(codec)
   if multivariate.is_multivariate(schedule) and loss_cfg.chunk_point < 1.0:
     raise ValueError("prime.chunk_point < 1 (grouped noise) needs a univariate schedule; "
                      f"schedule.name={config.schedule.name!r} masks per position.")
@@ -383,7 +385,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         progress.message(f"eval @ {done}: " + last_eval.get(
             "message", f"nll {last_eval['nll']:.4f} nats/token, "
             f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
-        if is_main and multivariate.is_multivariate(task.schedule):   # learned-order picture
+        if is_main and multivariate.is_multivariate(task.schedule) \
+            and task.schedule.family != "slot":   # learned-order picture (positions)
           multivariate.write_order(task.schedule, eval_params(state), task.seq_len, workdir, done)
         if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
           best_ckpt.save(done, state, None, cfg_dict, force=True,

@@ -104,6 +104,11 @@ def expected_nfe(num_elements: int, num_steps: int, eps: float = 1e-5) -> float:
   return num_steps * (1.0 - (1.0 - pi) ** n) + 1.0 - (1.0 - eps) ** n
 
 
+def per_digit(alpha: Array) -> Array:
+  """A multivariate schedule's alpha at one time, [L] or [L, S], as [1, L, S] for digits [B, L, ell]."""
+  return (alpha[:, None] if alpha.ndim == 1 else alpha)[None]
+
+
 def time_grid(num_steps: int, eps: float = 1e-5) -> Array:
   """t_k = 1 - k (1 - eps) / T for k = 0..T, float32 [T+1]."""
   k = jnp.arange(num_steps + 1, dtype=jnp.float32)
@@ -202,7 +207,7 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
     x_hat = sample_categorical(k_tok, lp)                          # [B, L]
     y_hat = codec.encode(x_hat)                                    # [B, L, ell]
     if position_alpha is not None:
-      a_t, a_s = position_alpha(t)[None, :, None], position_alpha(s)[None, :, None]
+      a_t, a_s = per_digit(position_alpha(t)), per_digit(position_alpha(s))
     else:
       a_t, a_s = schedule.alpha(t), schedule.alpha(s)
     p_reveal = jnp.clip((a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-30), 0.0, 1.0)

@@ -88,7 +88,7 @@ import jax.numpy as jnp
 
 from mdm_jax.prime import PrimeCodec
 from mdm_jax.schedules import Schedule
-from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
+from mdm_jax.sampling.ancestral import SampleResult, initial_digits, per_digit, time_grid
 from mdm_jax.sampling.common import descending_ranks, merge_tokens, model_logprobs
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 
@@ -318,7 +318,7 @@ def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
     x_hat = sample_categorical(k_tok, lp)
     y_hat = codec.encode(x_hat)
     if position_alpha is not None:
-      a_t, a_s = position_alpha(t)[None, :, None], position_alpha(s)[None, :, None]
+      a_t, a_s = per_digit(position_alpha(t)), per_digit(position_alpha(s))
     else:
       a_t, a_s = alpha(t), alpha(s)
     sigma_max = jnp.clip((1.0 - a_s) / jnp.maximum(a_t, 1e-30), 0.0, 1.0)
