@@ -85,6 +85,10 @@ def arm_config(base, arm: Dict[str, Any], seed: int, steps: Optional[int] = None
   c.objective = arm["objective"]
   c.prime.ell = int(arm["ell"])
   c.prime.loss = arm["loss"]
+  if arm["loss"] == "joint" and c.schedule.name == "slot_poly":
+    # The per-digit schedule weights each digit on its own, which the joint (one term per
+    # token) objective does not define: the joint arms train on the linear schedule.
+    c.schedule.name = "linear"
   c.seed = int(seed)
   if arm["objective"] == "ar":
     c.sampling.sampler = "ar"
