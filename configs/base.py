@@ -47,7 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.eps = 1e-3               # loglinear: alpha = 1 - (1 - eps) t
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
-  # Multivariate (per-position) schedules, mdm_jax/multivariate.py: name = learned_poly | left_to_right
+  # Multivariate (per-position) schedules, mdm_jax/multivariate.py: name = learned_poly | left_to_right |
+  # slot_poly
   c.schedule.order = "free"           # learned_poly: free (one log w per position) | mlp (position MLP)
   c.schedule.order_hidden = 64        # learned_poly, order=mlp: hidden width
   c.schedule.max_log_w = 5.0          # learned_poly: log w is centred and clipped to +-max_log_w
