@@ -55,6 +55,14 @@ def integer_base(vocab_size: int, ell: int) -> int:
   return b
 
 
+def inverse_permutation(perm) -> np.ndarray:
+  """``inverse_permutation(p)[p[i]] == i`` (int32 [V]); p must be a permutation of 0..V-1."""
+  perm = np.asarray(perm, np.int64)
+  inv = np.empty(len(perm), np.int32)
+  inv[perm] = np.arange(len(perm), dtype=np.int32)
+  return inv
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PrimeCodec:
   """Base-b, ell-digit codec over a vocabulary of size V.
@@ -95,11 +103,7 @@ class PrimeCodec:
 
   @property
   def inv_perm(self) -> Optional[np.ndarray]:
-    if self.perm is None:
-      return None
-    inv = np.empty_like(self.perm)
-    inv[self.perm] = np.arange(self.vocab_size, dtype=np.int32)
-    return inv
+    return None if self.perm is None else inverse_permutation(self.perm)
 
   @property
   def powers(self) -> np.ndarray:

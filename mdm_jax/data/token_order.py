@@ -46,6 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mdm_jax import prime as prime_lib
+
 TOKEN_ORDERS = ("id", "context", "random")
 _REFINE_STEPS = 10
 
@@ -196,7 +198,4 @@ def is_permutation(order, vocab_size: int) -> bool:
 
 def rank_of(order: np.ndarray) -> np.ndarray:
   """The inverse numbering: ``rank_of(order)[old_id]`` is the new id (int32 [V])."""
-  order = np.asarray(order, np.int64)
-  rank = np.empty(len(order), np.int32)
-  rank[order] = np.arange(len(order), dtype=np.int32)
-  return rank
+  return prime_lib.inverse_permutation(order)
