@@ -1,8 +1,10 @@
-"""Every configuration key of mdm_jax, with its default.
+"""Every configuration key of mdm_jax, with its default and meaning: the one place keys are declared.
 
-Experiment configs (``configs/shakespeare_prime.py`` and friends) start from
-``get_base_config()`` and override a few fields.  Any value can be overridden
-on the command line: ``--config.model.num_layers=6``.
+Experiment configs (``shakespeare_prime`` and friends, in this folder, installed as
+``mdm_jax.configs``) start from ``get_base_config()`` and override a few values; they
+never add keys.  Any value can be overridden on the command line
+(``--config.model.num_layers=6``); a key that is not declared here is an error.
+``docs/reference.md`` lists every key with its default, generated from this file.
 """
 
 import ml_collections
@@ -29,6 +31,17 @@ def get_base_config() -> ml_collections.ConfigDict:
                                       # high digits then mean word classes); random is a seeded
                                       # shuffle (shuffle_seed); mdm_jax/data/token_order.py
   c.data.shuffle_seed = 0
+  # Images (mdm_jax/data/images.py): data.dataset = fashion_mnist | image_folder | tfds_images.
+  c.data.num_levels = 256             # levels per pixel channel (tokens); 256 = raw 8-bit pixels
+  c.data.image_size = 0               # image_folder: resize to N x N (0 = native)
+  c.data.channels = 3                 # image_folder: 1 (grey) | 3 (RGB)
+  c.data.tfds_name = ""               # tfds_images: e.g. cifar10, downsampled_imagenet/32x32
+  c.data.tfds_data_dir = ""           # tfds_images: TFDS data_dir ("" = TFDS's default)
+  c.data.tfds_train_split = "train"   # tfds_images
+  c.data.tfds_eval_split = "test"     # tfds_images
+  c.data.max_train_examples = 0       # images: use at most this many (0 = all)
+  c.data.max_eval_examples = 0        # images: likewise for the eval split
+  c.data.class_labels = False         # images: batches also carry int32 labels (class-conditional)
 
   # ---------------------------------------------------------------- Prime
   c.prime = ml_collections.ConfigDict()
@@ -47,8 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.eps = 1e-3               # loglinear: alpha = 1 - (1 - eps) t
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
-  # Multivariate (per-position) schedules, mdm_jax/multivariate.py: name = learned_poly | left_to_right |
-  # slot_poly
+  # Multivariate (per-position) schedules, mdm_jax/diffusion/schedules/:
+  # name = learned_poly | left_to_right | slot_poly
   c.schedule.order = "free"           # learned_poly: free (one log w per position) | mlp (position MLP)
   c.schedule.order_hidden = 64        # learned_poly, order=mlp: hidden width
   c.schedule.max_log_w = 5.0          # learned_poly: log w is centred and clipped to +-max_log_w
@@ -84,6 +97,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.gate_init = 0.0
   c.model.local_conv = 0              # > 0: residual depthwise conv (odd width) over length in
                                       # each block: masked positions read their neighbours early
+  # Image backbones (model.name = image_dit | mc_dit; mdm_jax/networks/).
+  c.model.image_shape = (28, 28, 1)   # (H, W, C); data.seq_len must equal H * W * C
+  c.model.patch_size = 2              # p x p patches
+  c.model.pixel_dim = 32              # image_dit: embedding width of one pixel channel's digits
+  # mc_dit (objective = "gaussian"; docs/method/mc_dit.md): the dit | mdt | mcdit arms.
+  c.model.arm = "mcdit"               # dit | mdt | mcdit
+  c.model.n_encoder = 4               # E
+  c.model.n_decoder = 2               # D_n: the sampling path is E + D_n
+  c.model.aux_decoder_depth = 2       # mcdit: D_c (0 turns branch C off)
+  c.model.side_depth = 1              # mdt: side-interpolater blocks
+  c.model.num_classes = 0             # class-conditional with this many classes (0 = unconditional)
+  c.model.c2c_mask_token = False      # mcdit: learned token for masked inputs of branch C
+  c.model.shared_decoder = False      # mcdit ablation: branch C decodes with D_n (no D_c)
+  c.model.context_time = False        # mcdit: visible tokens of C embed their own noise level
 
   # ---------------------------------------------------------------- training
   c.training = ml_collections.ConfigDict()
@@ -112,6 +139,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.num_time_samples = 4         # stratified t samples per sequence
   c.eval.use_ema = True
   c.eval.seed = 1234                  # fixed eval key, never split from the training key
+  c.eval.classifier_path = ""         # images: the feature classifier of the Frechet distance
+                                      # (python -m mdm_jax.cli.eval_images --mode=train_classifier)
+  c.eval.fd_num_samples = 1000        # images: samples for the classifier Frechet distance
 
   # ---------------------------------------------------------------- sampling
   c.sampling = ml_collections.ConfigDict()
@@ -128,7 +158,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.seed = 42
   c.sampling.use_ema = True
   c.sampling.scorer_workdir = ""      # an AR run: add its generative perplexity to sample stats
-  # Sampler options: each is passed only to the samplers that take it (mdm_jax/sample.py).
+  # Sampler options: each is passed only to the samplers that take it (mdm_jax/sampling/generate.py).
   c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy
   c.sampling.block_len = 0            # confidence: semi-AR blocks (1 = left to right; 0 = off)
   c.sampling.punt_eps = 0.05          # punt: independence tolerance (nats for kl); inf = top-K confidence
@@ -151,8 +181,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- Di[M]O distillation
   # --mode=distill --teacher_workdir=DIR: a one-step generator distilled from a trained
-  # diffusion model (mdm_jax/distill.py, algorithms.md §5).  Defaults are the paper's MaskGIT
-  # recipe; the image configs override the step count and learning rate for small models.
+  # diffusion model (mdm_jax/trainers/distill.py, docs/method/algorithms.md §5).  Defaults are
+  # the paper's MaskGIT recipe; the image configs override the step count and learning rate
+  # for small models.
   c.distill = ml_collections.ConfigDict()
   c.distill.num_steps = 50_000
   c.distill.batch_size = 64
@@ -177,6 +208,31 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.distill.checkpoint_every = 100
   c.distill.num_samples = 64          # PNG grid of one-step samples at the end
   c.distill.seed = 0
+
+  # ---------------------------------------------------------------- Gaussian image diffusion
+  # objective = "gaussian" (mdm_jax/tasks/gaussian.py, docs/method/mc_dit.md), model.name = mc_dit.
+  c.gaussian = ml_collections.ConfigDict()
+  c.gaussian.form = "ddpm"            # ddpm (epsilon-prediction, fixed variance) | edm
+  c.gaussian.schedule = "linear"      # ddpm betas: linear (1e-4..0.02) | cosine
+  c.gaussian.num_timesteps = 1000
+  c.gaussian.edm_p_mean = -1.2        # edm: log sigma ~ N(p_mean, p_std^2) in training
+  c.gaussian.edm_p_std = 1.2
+  c.gaussian.edm_sigma_data = 0.5
+  c.gaussian.edm_sigma_min = 0.002
+  c.gaussian.edm_sigma_max = 80.0
+  c.gaussian.edm_rho = 7.0            # edm sampler: Karras time steps
+  c.gaussian.mask_ratio = 0.5         # mdt / mcdit: K = round(r N) masked patches per image
+  c.gaussian.lambda_c = 1.0           # mcdit: L = lambda_g L_G + lambda_c L_C
+  c.gaussian.context = "clean"        # mcdit: clean (c2c) | noisy (n2c ablation) | small_t
+                                      # (visible patches at t_u ~ U[0, t); needs model.context_time)
+  c.gaussian.lambda_g = 1.0           # mcdit: weight of L_G (0 with shared_decoder: "C without G")
+  c.gaussian.label_dropout = 0.1      # classifier-free guidance training
+  c.gaussian.sampler = "ddim"         # ddim | ddpm (form ddpm) | edm_heun (form edm)
+  c.gaussian.ddim_eta = 0.0
+  c.gaussian.ddpm_variance = "small"  # small (posterior beta~) | large (beta)
+  c.gaussian.guidance = 1.0           # CFG w: 1 = conditional, unguided; 1.5 = guided
+  c.gaussian.clip_x0 = True
+  c.gaussian.eval_buckets = 8         # held-out L_G at this many fixed noise levels
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ heads), 2x2 patches (256 tokens), E 10 + D_n 2 (+ D_c 2 | + 1 side block), batch
 50k steps, bf16 compute, EMA 0.9999.  Data: TFDS ``cifar10`` prepared on disk in the
 array_record format (nothing is downloaded; see docs/images.md):
 
-  python -m mdm_jax.main --config=configs/cifar10_mcdit.py:arm=mcdit --workdir=runs/c10_mcdit \
+  python -m mdm_jax.main --config=cifar10_mcdit:arm=mcdit --workdir=runs/c10_mcdit \
       --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Variants: those of fashion_mnist_mcdit (``arm=``, ``tiny``, ``patch=``, ``ratio=``,
@@ -15,13 +15,8 @@ Variants: those of fashion_mnist_mcdit (``arm=``, ``tiny``, ``patch=``, ``ratio=
 model over 4x4 patches.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config, parse_arg  # noqa: E402
-from configs.fashion_mnist_mcdit import add_gaussian_keys, apply_gaussian_variants  # noqa: E402
+from mdm_jax.configs.base import get_base_config, parse_arg
+from mdm_jax.configs.fashion_mnist_mcdit import add_gaussian_keys, apply_gaussian_variants
 
 
 def get_config(arg: str = ""):

@@ -1,10 +1,10 @@
-"""Prime (ell = 2, b = 16) on CIFAR-10 pixels at the paper's training scale (prime.md §6.5).
+"""Prime (ell = 2, b = 16) on CIFAR-10 pixels at the paper's training scale (docs/method/prime.md §6.5).
 
 Data: TFDS ``cifar10`` prepared on disk in the array_record format (nothing is
 downloaded; ``tfds build cifar10 --file_format=array_record`` where there is
 internet, then copy ``~/tensorflow_datasets/cifar10``):
 
-  python -m mdm_jax.main --config=configs/cifar10_prime.py --workdir=runs/c10_prime \
+  python -m mdm_jax.main --config=cifar10_prime --workdir=runs/c10_prime \
       --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Each image is 32x32x3 = 3,072 pixel-channel tokens of V = 256.  The paper uses an
@@ -14,19 +14,14 @@ per-channel digit embedding.  Optimiser as in the paper: AdamW lr 1e-4, betas
 (0.9, 0.95), constant LR, global batch 512, EMA 0.999, ~412k steps (epoch 4,250).
 The paper trains with the unweighted mean cross-entropy ("flat" here) and reports
 FID; this project reports bits/dim (valid ELBO) and a classifier Frechet distance
-(mdm_jax/eval_images.py; not FID).  Differences: schedule linear (the paper used
+(mdm_jax/cli/eval_images.py; not FID).  Differences: schedule linear (the paper used
 alpha = (1 - t)^3), DiT instead of U-Net, no flips.
 
 Variants: ``:ell=N``, ``:mdm`` (ell = 1), ``:levels=K``, ``:tiny``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config
-from configs.fashion_mnist_prime import add_image_keys, apply_variants, parse_arg
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.configs.fashion_mnist_prime import add_image_keys, apply_variants, parse_arg
 
 
 def paper_image_config(image_shape, tfds_name: str, eval_split: str, num_steps: int):

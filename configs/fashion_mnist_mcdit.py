@@ -1,19 +1,19 @@
 """MC-DiT and its baselines (plain DiT, MDT-style masking) on Fashion-MNIST: Gaussian diffusion.
 
 DDPM (T = 1000, linear betas, ε-prediction, fixed variance) with a class-conditional
-patch DiT (``model.name = "mc_dit"``, ``mdm_jax/models/mc_dit.py``); labels dropped
+patch DiT (``model.name = "mc_dit"``, ``mdm_jax/networks/mc_dit.py``); labels dropped
 with p = 0.1 for classifier-free guidance.  One config line picks the arm
-(``model.arm``), see ``docs/mc_dit.md`` and ``/shared/research/mc_dit.md`` §3-5:
+(``model.arm``), see ``docs/mc_dit.md`` and ``docs/method/mc_dit.md`` §3-5:
 
   dit    E 4 + D_n 2 blocks (a 6-block DiT)
   mdt    + MDT-v1's masked pass (4 encoder blocks on the kept tokens, 1 side block, D_n 2), r = 0.3
   mcdit  + the clean-reconstruction decoder D_c (2 blocks) on clean visible + noisy masked
          patches, x0 targets, λ_C = 1, r = 0.5
 
-  python -m mdm_jax.main --config=configs/fashion_mnist_mcdit.py:arm=mcdit --workdir=runs/mcdit/fm_mcdit
-  python -m mdm_jax.main --config=configs/fashion_mnist_mcdit.py:arm=mcdit --workdir=runs/mcdit/fm_mcdit \
+  python -m mdm_jax.main --config=fashion_mnist_mcdit:arm=mcdit --workdir=runs/mcdit/fm_mcdit
+  python -m mdm_jax.main --config=fashion_mnist_mcdit:arm=mcdit --workdir=runs/mcdit/fm_mcdit \
       --mode=sample                     # PNG grid from the EMA weights (E + D_n only)
-  python -m mdm_jax.eval_gaussian --config=configs/fashion_mnist_mcdit.py:arm=mcdit \
+  python -m mdm_jax.cli.eval_gaussian --config=fashion_mnist_mcdit:arm=mcdit \
       --workdir=runs/mcdit/fm_mcdit --classifier_path=runs/img/fmnist_classifier
 
 Variants (comma-separated after ':'):
@@ -33,15 +33,8 @@ Variants (comma-separated after ':'):
   smoke               a seconds-long run on 256 images (tests)
 """
 
-import os
-import sys
-
-import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config, parse_arg  # noqa: E402
-from configs.fashion_mnist_prime import add_image_keys  # noqa: E402
+from mdm_jax.configs.base import get_base_config, parse_arg
+from mdm_jax.configs.fashion_mnist_prime import add_image_keys
 
 ARM_DEFAULT_RATIO = {"dit": 0.0, "mdt": 0.3, "mcdit": 0.5}
 VARIANTS = {"arm", "tiny", "small", "patch", "ratio", "lambda", "n2c", "mask_token", "edm",
@@ -49,7 +42,7 @@ VARIANTS = {"arm", "tiny", "small", "patch", "ratio", "lambda", "n2c", "mask_tok
 
 
 def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
-  """Image data keys + the mc_dit model keys + the ``gaussian`` block (every key with a comment)."""
+  """Image data values + the mc_dit model values + the ``gaussian`` block (keys declared in base.py)."""
   add_image_keys(c, image_shape, dataset)
   c.objective = "gaussian"
   c.prime.ell = 1                     # unused: pixels are dequantised to floats in [-1, 1]
@@ -69,7 +62,6 @@ def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
   m.patch_size = 4
   m.gate_init = 0.0                   # adaLN-Zero
   m.time_conditioning = True
-  c.gaussian = ml_collections.ConfigDict()
   gc = c.gaussian
   gc.form = "ddpm"                    # ddpm (ε-prediction, fixed variance) | edm
   gc.schedule = "linear"              # ddpm betas: linear (1e-4..0.02) | cosine
@@ -89,7 +81,7 @@ def add_gaussian_keys(c, image_shape, dataset: str, num_classes: int):
   gc.guidance = 1.0                   # CFG w: 1 = conditional, unguided; 1.5 = guided
   gc.clip_x0 = True
   gc.eval_buckets = 8                 # held-out L_G at 8 fixed noise levels
-  # Training: AdamW 3e-4, 1k warm-up, clip 1, constant LR (mc_dit.md §3.4).
+  # Training: AdamW 3e-4, 1k warm-up, clip 1, constant LR (docs/method/mc_dit.md §3.4).
   t = c.training
   t.batch_size, t.num_steps = 64, 5000
   t.learning_rate, t.lr_schedule, t.warmup_steps = 3e-4, "constant", 1000

@@ -1,17 +1,12 @@
 """Plain masked diffusion (MDM, ell = 1) on Fashion-MNIST pixels: the baseline of
 ``configs/fashion_mnist_prime.py`` with the same backbone and budget.
 
-  python -m mdm_jax.main --config=configs/fashion_mnist_mdm.py --workdir=runs/fmnist_mdm
+  python -m mdm_jax.main --config=fashion_mnist_mdm --workdir=runs/fmnist_mdm
 
 Variants: ``:tiny``, ``:levels=K``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.fashion_mnist_prime import apply_variants, get_fashion_base
+from mdm_jax.configs.fashion_mnist_prime import apply_variants, get_fashion_base
 
 
 def get_config(arg: str = ""):

@@ -5,25 +5,20 @@ the raster row of 784 tokens.  The backbone is ``image_dit`` (a DiT over 4x4 pat
 49 patch tokens), sized for 2 CPU cores.  Data: Debian's full Fashion-MNIST
 (``bash launch/setup_env.sh`` extracts it; see mdm_jax/data/images.py).
 
-  python -m mdm_jax.main --config=configs/fashion_mnist_prime.py --workdir=runs/fmnist_prime
+  python -m mdm_jax.main --config=fashion_mnist_prime --workdir=runs/fmnist_prime
 
 Variants: ``:ell=N`` (1 = plain MDM; 2, 4, 8 are exact for 256 levels), ``:levels=K``
 (K levels per pixel), ``:tiny`` (a seconds-long smoke run on 256 images), combinable
 as ``:ell=4,tiny``.  Evaluation: ``eval_bits_per_token`` is bits per dimension
 (sub-pixel) from the valid ELBO; sample grids are ``samples/step_N.png``; the
-classifier-feature Frechet distance comes from ``python -m mdm_jax.eval_images``.
+classifier-feature Frechet distance comes from ``python -m mdm_jax.cli.eval_images``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
+from mdm_jax.configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
 
 
 def add_image_keys(c, image_shape, dataset: str):
-  """The image data keys (mdm_jax/data/images.py) and the image_dit model keys."""
+  """The image data values (mdm_jax/data/images.py) and the image_dit model values."""
   c.data.dataset = dataset
   c.data.num_levels = 256             # levels per channel (tokens); 256 = raw 8-bit pixels
   c.data.image_size = 0               # image_folder: resize to N x N (0 = native)
@@ -41,8 +36,8 @@ def add_image_keys(c, image_shape, dataset: str):
   c.model.image_shape = tuple(int(s) for s in image_shape)
   c.model.patch_size = 2
   c.model.pixel_dim = 32
-  # Frechet distance on the project's own classifier (mdm_jax/eval_images.py).
-  c.eval.classifier_path = ""         # trained by `python -m mdm_jax.eval_images --mode=train_classifier`
+  # Frechet distance on the project's own classifier (mdm_jax/cli/eval_images.py).
+  c.eval.classifier_path = ""         # trained by `python -m mdm_jax.cli.eval_images --mode=train_classifier`
   c.eval.fd_num_samples = 1000
   # Di[M]O on pixels: no label smoothing for the auxiliary model.  With the paper's 0.1
   # the auxiliary is always broader than the generator, so g keeps sharpening the

@@ -1,25 +1,20 @@
 """Prime (ell = 2) on ImageNet-32 (TFDS ``downsampled_imagenet/32x32``) at the paper's scale.
 
-Same model and optimiser as ``configs/cifar10_prime.py`` (prime.md §6.5): 32x32x3 =
+Same model and optimiser as ``configs/cifar10_prime.py`` (docs/method/prime.md §6.5): 32x32x3 =
 3,072 tokens of V = 256, DiT 12 x 768 over 2x2 patches, AdamW 1e-4 (0.9, 0.95), batch
 512, EMA 0.999; the paper's best ImageNet-32 checkpoint is at epoch 975, about
 2.44M steps of 512 images; the headline number used NFE 1024.  The dataset has no
 labels, so the classifier Frechet distance needs a feature classifier trained on
 another labelled 32x32x3 dataset (e.g. CIFAR-10); bits/dim is always available.
 
-  python -m mdm_jax.main --config=configs/imagenet32_prime.py --workdir=runs/i32_prime \
+  python -m mdm_jax.main --config=imagenet32_prime --workdir=runs/i32_prime \
       --config.data.tfds_data_dir=/path/to/tensorflow_datasets
 
 Variants: ``:ell=N``, ``:mdm``, ``:levels=K``, ``:tiny``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.cifar10_prime import paper_image_config
-from configs.fashion_mnist_prime import apply_variants, parse_arg
+from mdm_jax.configs.cifar10_prime import paper_image_config
+from mdm_jax.configs.fashion_mnist_prime import apply_variants, parse_arg
 
 
 def get_config(arg: str = ""):

@@ -16,24 +16,19 @@ packed into 128-token rows (MDLM's "wrap" setting), not padded one per row.
 1. Prepare once (TFDS ``lm1b`` in the array_record format; ``--tfds_download``
    needs the internet; the test split is the eval set)::
 
-     python -m mdm_jax.main --mode=prepare --config=configs/lm1b_mdm.py \\
+     python -m mdm_jax.main --mode=prepare --config=lm1b_mdm \\
          --source=tfds:lm1b --eval_split=test --tfds_download --output=data/lm1b_bpe32k_128
 
 2. Train::
 
-     python -m mdm_jax.main --config=configs/lm1b_mdm.py --workdir=runs/lm1b_mdm \\
+     python -m mdm_jax.main --config=lm1b_mdm --workdir=runs/lm1b_mdm \\
          --config.data.path=data/lm1b_bpe32k_128
 
 Variants: ``:microbatches=N``, ``:smoke`` (see configs/owt_mdm.py).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config
-from configs.owt_mdm import apply_variants, set_dit_small, set_large_training
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.configs.owt_mdm import apply_variants, set_dit_small, set_large_training
 
 
 def get_lm1b_base():

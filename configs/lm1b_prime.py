@@ -4,19 +4,14 @@ Read ``configs/lm1b_mdm.py`` for data preparation and the tokenizer (a 32,768-id
 BPE, since BERT's uncased WordPiece is not available offline).  ell = 3 by
 default (b = 32 exactly, since 32 ** 3 = 32,768); choose ell in 2..8::
 
-  python -m mdm_jax.main --config=configs/lm1b_prime.py:ell=3 --workdir=runs/lm1b_prime_l3 \\
+  python -m mdm_jax.main --config=lm1b_prime:ell=3 --workdir=runs/lm1b_prime_l3 \\
       --config.data.path=data/lm1b_bpe32k_128
 
 Variants combine: ``:ell=5,microbatches=2``, ``:ell=2,smoke``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.lm1b_mdm import get_lm1b_base
-from configs.owt_mdm import apply_variants
+from mdm_jax.configs.lm1b_mdm import get_lm1b_base
+from mdm_jax.configs.owt_mdm import apply_variants
 
 DEFAULT_ELL = 3
 ELL_RANGE = range(2, 9)

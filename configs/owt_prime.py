@@ -6,19 +6,14 @@ changes: every GPT-2 token (V = 50,257) is written as ell base-b digits with
 b = ceil(V ** (1/ell)) and masked digit by digit.  ell = 4 (b = 15) by default;
 choose ell in 2..8 with the config argument::
 
-  python -m mdm_jax.main --config=configs/owt_prime.py:ell=4 --workdir=runs/owt_prime_l4 \\
+  python -m mdm_jax.main --config=owt_prime:ell=4 --workdir=runs/owt_prime_l4 \\
       --config.data.path=data/owt_gpt2_1024
 
 Evaluation reports the valid (marginal) bound whatever ``prime.loss`` is.
 Variants combine: ``:ell=6,microbatches=4``, ``:ell=2,smoke``.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.owt_mdm import apply_variants, get_owt_base
+from mdm_jax.configs.owt_mdm import apply_variants, get_owt_base
 
 DEFAULT_ELL = 4
 ELL_RANGE = range(2, 9)

@@ -1,14 +1,9 @@
 """Autoregressive baseline: the same DiT backbone with a causal mask, exact NLL.
 
-  python -m mdm_jax.main --config=configs/shakespeare_ar.py --workdir=runs/ar
+  python -m mdm_jax.main --config=shakespeare_ar --workdir=runs/ar
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.shakespeare_prime import apply_variants, get_shakespeare_base
+from mdm_jax.configs.shakespeare_prime import apply_variants, get_shakespeare_base
 
 
 def get_config(arg: str = ""):
@@ -16,7 +11,7 @@ def get_config(arg: str = ""):
   c.objective = "ar"
   c.prime.ell = 1
   # BPE's own ids: with ell = 1 the numbering only decides which random embedding row a
-  # token starts from (BENCHMARKS.md, "Vocabulary order").
+  # token starts from (docs/results/vocabulary_order.md).
   c.data.token_order = "id"
   c.sampling.sampler = "ar"
   return apply_variants(c, arg)

@@ -7,14 +7,14 @@ to BPE-4096 later).
 Every position i gets its own exponent, alpha_i(t) = 1 - t**w_i (w = 1 at the start,
 i.e. the linear MDM schedule), learned jointly with the network by the exact
 multivariate ELBO and a leave-one-out score-function gradient (two masks per
-sequence; see ``mdm_jax/multivariate.py``).  Every evaluation writes the learned
+sequence; see ``mdm_jax/diffusion/schedules/learned_poly.py``).  Every evaluation writes the learned
 order to ``<workdir>/order/step_N.{json,png}``.
 
-  python -m mdm_jax.main --config=configs/shakespeare_learned_order.py --workdir=runs/learned_order
+  python -m mdm_jax.main --config=shakespeare_learned_order --workdir=runs/learned_order
 
 The univariate baseline of the comparison is the same command with one override:
 
-  python -m mdm_jax.main --config=configs/shakespeare_learned_order.py --workdir=runs/cosine \\
+  python -m mdm_jax.main --config=shakespeare_learned_order --workdir=runs/cosine \\
       --config.schedule.name=cosine
 
 Variants (comma-separated): ``:tiny`` (seconds-long smoke run), ``:ell=N`` (ell = 1 is
@@ -23,12 +23,7 @@ one free parameter per position), ``:left_to_right`` (the fixed left-to-right fa
 sharpness 1: the ELBO is exactly the AR loss of the network on prefixes).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.shakespeare_prime import apply_variants, get_shakespeare_base, parse_arg
+from mdm_jax.configs.shakespeare_prime import apply_variants, get_shakespeare_base, parse_arg
 
 _OWN = ("order", "left_to_right")
 

@@ -1,14 +1,9 @@
 """Plain MDM (ell = 1, MDLM/MD4 ELBO) with the same backbone and data as the Prime default.
 
-  python -m mdm_jax.main --config=configs/shakespeare_mdm.py --workdir=runs/mdm
+  python -m mdm_jax.main --config=shakespeare_mdm --workdir=runs/mdm
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.shakespeare_prime import apply_variants, get_shakespeare_base
+from mdm_jax.configs.shakespeare_prime import apply_variants, get_shakespeare_base
 
 
 def get_config(arg: str = ""):
@@ -16,6 +11,6 @@ def get_config(arg: str = ""):
   c.objective = "diffusion"
   c.prime.ell = 1
   # BPE's own ids: with ell = 1 the numbering only decides which random embedding row a
-  # token starts from (BENCHMARKS.md, "Vocabulary order").
+  # token starts from (docs/results/vocabulary_order.md).
   c.data.token_order = "id"
   return apply_variants(c, arg)

@@ -3,10 +3,10 @@
 The embedded default: trains on 2 CPU cores in about 10 minutes and writes
 Shakespeare-shaped samples (speaker names, verse lines, stage directions) in
 which nearly nine words in ten are Shakespeare's words, with short runs of sense;
-grammar across a line is not there yet at this budget (BENCHMARKS.md,
-"Vocabulary order").
+grammar across a line is not there yet at this budget
+(docs/results/text_default.md).
 
-  python -m mdm_jax.main --config=configs/shakespeare_prime.py --workdir=runs/prime_l2
+  python -m mdm_jax.main --config=shakespeare_prime --workdir=runs/prime_l2
 
 Variants: ``configs/shakespeare_prime.py:ell=4`` (any ell >= 2), ``:tiny``
 (a seconds-long smoke run), combinable as ``:ell=3,tiny``.  Any key can be
@@ -17,12 +17,7 @@ Evaluation always reports the *valid* bound (prime.loss is the training form;
 likelihood).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
+from mdm_jax.configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
 
 
 def apply_variants(c, arg: str):
@@ -68,20 +63,20 @@ def get_shakespeare_base():
   # consecutive ids, i.e. each value of Prime's first digit at ell = 2, is a set of tokens
   # used alike (names, adjectives, word endings), so a half-seen token already tells its
   # word class.  Prime ell = 2 at 1,600 steps: bound 5.162 against 5.412 with BPE's own
-  # ids (BENCHMARKS.md, "Vocabulary order").  The ell = 1 configs (MDM, AR) keep "id".
+  # ids (docs/results/vocabulary_order.md).  The ell = 1 configs (MDM, AR) keep "id".
   c.data.token_order = "context"
   # Sized for 2 CPU cores: ~0.24 s/step (~8.6k tokens/s idle), ~7 minutes end to end
-  # (2,000 steps fit 10 minutes but gained only 0.024 nats; BENCHMARKS.md).
+  # (2,000 steps fit 10 minutes but gained only 0.024 nats; docs/results/text_default.md).
   # On this budget a narrower model that sees more tokens wins: 4 x 64 for 1,600
-  # steps beats 4 x 128 for the ~900 steps that fit in the same time (BENCHMARKS.md,
-  # "Default text job: width against steps").
+  # steps beats 4 x 128 for the ~900 steps that fit in the same time
+  # (docs/results/text_default.md).
   c.model.num_layers = 4
   c.model.d_model = 64
   c.model.num_heads = 2
   c.model.gate_init = 1.0             # plain pre-LN start: learns faster on this budget
   # A width-3 residual conv over positions in each block: a masked token sees its
   # neighbours from step 1 instead of after attention has learnt to look next door
-  # (ell = 1, 400 steps: eval bound 5.249 with it vs 5.728 without; BENCHMARKS.md).
+  # (ell = 1, 400 steps: eval bound 5.249 with it vs 5.728 without; docs/results/text_default.md).
   c.model.local_conv = 3
   c.training.batch_size = 16
   c.training.num_steps = 1600
@@ -107,9 +102,10 @@ def get_config(arg: str = ""):
   c.objective = "diffusion"
   c.prime.ell = 2
   # Coarse to fine: a token's leading digit (its word class under the context order) is
-  # masked later, so it is learnt as context sooner and decoded first (mdm_jax/multivariate.py,
-  # slot_poly).  At 1,600 steps: bound 4.992 against 5.168 with the linear schedule, and
-  # generative perplexity 232 against 328 at the same entropy (BENCHMARKS.md, "Coarse to fine").
+  # masked later, so it is learnt as context sooner and decoded first
+  # (mdm_jax/diffusion/schedules/slot_poly.py).  At 1,600 steps: bound 4.992 against 5.168
+  # with the linear schedule, and generative perplexity 232 against 328 at the same entropy
+  # (docs/results/coarse_to_fine.md).
   c.schedule.name = "slot_poly"
   c.schedule.slot_tilt = 1.0
   return apply_variants(c, arg)

@@ -8,7 +8,7 @@ together they form one JAX job exactly as the hosts of a TPU pod or a SLURM
 allocation do.  Everything after ``--`` is passed to ``mdm_jax.main``.
 
   python launch/local_multiprocess.py --num_processes=2 --devices_per_process=2 -- \\
-      --config=configs/shakespeare_prime.py:tiny --workdir=runs/mp2
+      --config=shakespeare_prime:tiny --workdir=runs/mp2
 
 * ``--devices_per_process`` (CPU): simulated CPU devices per process, via
   ``XLA_FLAGS=--xla_force_host_platform_device_count``; the job then has

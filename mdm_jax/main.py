@@ -1,163 +1,20 @@
-"""Command line: ``python -m mdm_jax.main --config=configs/X.py --workdir=DIR [--mode=...]``.
+"""``python -m mdm_jax.main``: the command line (``mdm_jax/cli/main.py``).
 
-Modes:
-  train   train (or resume) and write metrics, checkpoints and samples to workdir
-  eval    perplexity bound of the latest checkpoint on the eval split
-  sample  samples + a JSON of NFE, wall time, tokens/s and entropy from the latest checkpoint
-  score   generative perplexity of sample files (--texts) under the AR run in --workdir,
-          next to held-out text (mdm_jax/eval_text.py); --config is that run's config
-  distill Di[M]O: distil the diffusion run in --teacher_workdir into a one-step generator
-          (config.distill; mdm_jax/distill.py, docs/images.md)
-  prepare tokenize a text source once into ArrayRecord shards of packed sequences in
-          --output (no --workdir); train on them with --config.data.dataset=array_record
-          --config.data.path=OUTPUT (see docs/data.md)
-
-Any config value can be overridden: ``--config.prime.ell=4 --config.training.num_steps=500``.
+On a CPU host the process first restarts itself with a tuned glibc malloc
+(``mdm_jax.core.host_env``), before JAX or anything large is imported, which is why this
+entry module imports the command line only after that.  ``python -m mdm_jax`` and the
+``mdm-jax`` command run the same.
 """
 
-from __future__ import annotations
-
-import json
-import os
 import sys
 
-if __name__ == "__main__":   # first of all: a CPU run restarts itself with a tuned glibc malloc
-  from mdm_jax import host_env  # pylint: disable=g-import-not-at-top
+
+def run() -> None:
+  from mdm_jax.core import host_env  # pylint: disable=import-outside-toplevel
   host_env.reexec_with_tuned_malloc(["-m", "mdm_jax.main", *sys.argv[1:]])
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from mdm_jax import config_utils
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file (e.g. configs/shakespeare_prime.py).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "sample", "score", "prepare", "distill"],
-                          "What to run.")
-_STEPS = flags.DEFINE_integer("sample_steps", None, "sample mode: override sampling.num_steps.")
-_TEACHER = flags.DEFINE_string("teacher_workdir", None, "distill: the trained diffusion run to "
-                               "distil (its config must be --config); output goes to --workdir.")
-_TEXTS = flags.DEFINE_list("texts", [], "score: samples files to score (samples/step_N.json or "
-                          ".txt, or any text file), comma-separated.")
-# ---- prepare mode (see docs/data.md); the tokenizer, seq_len and eval_fraction come from --config.
-_OUTPUT = flags.DEFINE_string("output", None, "prepare: the dataset directory to write.")
-_SOURCE = flags.DEFINE_string(
-    "source", "", "prepare: empty = the corpus of config.data.dataset/data.path; tfds:NAME "
-    "(e.g. tfds:lm1b) or hf:NAME (e.g. hf:Skylion007/openwebtext).")
-_SOURCE_CONFIG = flags.DEFINE_string("source_config", "", "prepare: Hugging Face config name.")
-_TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "prepare: source split for training.")
-_EVAL_SPLIT = flags.DEFINE_string(
-    "eval_split", "", "prepare: source split for eval; empty = hold out the last "
-    "data.eval_fraction of the train split's documents.")
-_TEXT_KEY = flags.DEFINE_string("text_key", "text", "prepare: the example field with the text.")
-_MAX_DOCS = flags.DEFINE_integer("max_documents", 0, "prepare: at most this many documents per "
-                                 "source split (0 = all).")
-_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "prepare: TFDS data_dir.")
-_TFDS_DOWNLOAD = flags.DEFINE_bool("tfds_download", False, "prepare: let TFDS download and "
-                                   "prepare the dataset (needs internet).")
-_PER_SHARD = flags.DEFINE_integer("records_per_shard", 0, "prepare: sequences per shard "
-                                  "(0 = about 128 MiB each).")
-_SAMPLE_CHARS = flags.DEFINE_integer("tokenizer_sample_chars", 20_000_000, "prepare, tfds/hf "
-                                     "sources: characters the char/bpe tokenizer is built from.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare: replace an existing --output.")
-
-
-def run_prepare(config, output: str) -> dict:
-  """--mode=prepare: writes the ArrayRecord dataset; returns a summary (printed as JSON)."""
-  from mdm_jax.data import array_record  # pylint: disable=import-outside-toplevel
-  progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-  meta = array_record.prepare(
-      config.data, output, source=_SOURCE.value, source_config=_SOURCE_CONFIG.value,
-      train_split=_TRAIN_SPLIT.value, eval_split=_EVAL_SPLIT.value, text_key=_TEXT_KEY.value,
-      max_documents=_MAX_DOCS.value, tfds_data_dir=_TFDS_DATA_DIR.value,
-      tfds_download=_TFDS_DOWNLOAD.value, records_per_shard=_PER_SHARD.value,
-      tokenizer_sample_chars=_SAMPLE_CHARS.value, overwrite=_OVERWRITE.value, progress=progress)
-  out = os.path.abspath(os.path.expanduser(output))
-  tok = meta["tokenizer"]
-  train_with = (f"--config.data.dataset=array_record --config.data.path={out} "
-                f"--config.data.tokenizer={tok['kind']} --config.data.seq_len={meta['seq_len']}")
-  if tok["kind"] == "bpe":
-    train_with += f" --config.data.bpe_vocab_size={tok['settings']['bpe_vocab_size']}"
-  return {
-      "path": out, "seq_len": meta["seq_len"], "tokenizer": meta["tokenizer"]["kind"],
-      "vocab_size": meta["vocab_size"],
-      **{f"{s}_sequences": meta["splits"][s]["num_sequences"] for s in ("train", "eval")},
-      **{f"{s}_shards": meta["splits"][s]["num_shards"] for s in ("train", "eval")},
-      "seconds": meta["prepare_seconds"],
-      "train_with": train_with,
-  }
-
-
-def run_score(config, workdir: str, paths) -> dict:
-  from mdm_jax import eval_text  # pylint: disable=import-outside-toplevel
-  from mdm_jax.config_utils import ConfigError  # pylint: disable=import-outside-toplevel
-  if not paths:
-    raise app.UsageError("--mode=score needs --texts=FILE[,FILE...] (e.g. "
-                         "runs/prime/samples/step_1600.json).")
-  if config.objective != "ar":
-    raise ConfigError(f"--mode=score scores with the AR run in --workdir; --config has "
-                      f"objective={config.objective!r}. Pass the AR run's config, e.g. "
-                      "--config=configs/shakespeare_ar.py.")
-  scorer = eval_text.load_scorer(workdir, config)   # checks --config against the checkpoint
-  try:
-    results = eval_text.score_files(scorer, paths)
-  except eval_text.ScoreError as e:
-    raise ConfigError(str(e)) from e
-  print(eval_text.format_table(results), file=sys.stderr, flush=True)
-  return results
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/shakespeare_prime.py")
-  if _MODE.value == "prepare":
-    if not _OUTPUT.value:
-      raise app.UsageError("--mode=prepare needs --output=DIR (the dataset directory to write).")
-    from mdm_jax.data.array_record import PrepareError  # pylint: disable=import-outside-toplevel
-    try:
-      result = run_prepare(_CONFIG.value, _OUTPUT.value)
-    except (PrepareError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps(result, indent=2, default=str))
-    return
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
-  from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
-  distributed.dump_stacks_on_signal()
-  distributed.maybe_initialize()
-  from mdm_jax import train  # pylint: disable=import-outside-toplevel
-  from mdm_jax.config_utils import ConfigError  # pylint: disable=import-outside-toplevel
-  from mdm_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  config = _CONFIG.value
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  try:
-    if _MODE.value == "train":
-      result = train.train_and_evaluate(config, workdir)
-    elif _MODE.value == "distill":   # Di[M]O one-step generator (mdm_jax/distill.py)
-      from mdm_jax import distill  # pylint: disable=import-outside-toplevel
-      result = distill.distill(config, _TEACHER.value or "", workdir)
-    elif _MODE.value == "eval":
-      result = train.evaluate_checkpoint(config, workdir)
-    elif _MODE.value == "score":   # generative perplexity under an AR run
-      result = run_score(config, workdir, _TEXTS.value)
-    else:
-      result = train.sample_checkpoint(config, workdir, num_steps=_STEPS.value)
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(result, indent=2, default=str))
-
-
-parse_flags = config_utils.flags_parser(
-    "python -m mdm_jax.main --config=configs/NAME.py[:variants] --workdir=DIR "
-    "[--mode=train|eval|sample|score|prepare|distill] [--config.KEY=VALUE ...]")
+  from mdm_jax.cli import main as cli_main  # pylint: disable=import-outside-toplevel
+  cli_main.run()
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run()

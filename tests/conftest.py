@@ -23,5 +23,5 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 sys.path.insert(0, ROOT)
 # The tuned glibc malloc of mdm_jax/host_env.py, for the test workers and their subprocesses.
-from mdm_jax import host_env  # noqa: E402  pylint: disable=g-import-not-at-top
+from mdm_jax.core import host_env  # noqa: E402  pylint: disable=g-import-not-at-top
 os.environ.update(host_env.malloc_env(os.environ) or {})

@@ -10,8 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
-from mdm_jax import config_utils
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.core.errors import ConfigError
+from mdm_jax.tasks import validate_config
 from mdm_jax import data as data_lib
 from mdm_jax.data import array_record as ar
 
@@ -57,13 +58,13 @@ def prepared(tmp_path_factory, corpus):
   meta = ar.prepare(cfg, out, records_per_shard=7, progress=messages.append)
   read_cfg = _data_config(dataset="array_record", path=out, tokenizer="char", seq_len=32)
   return {"cfg": cfg, "read_cfg": read_cfg, "out": out, "meta": meta, "messages": messages,
-          "data": data_lib.make_text_data(read_cfg)}
+          "data": data_lib.build_data(read_cfg)}
 
 
 # ------------------------------------------------------------------ prepare + round trip
 def test_prepare_metadata_and_round_trip(prepared):
   meta, out, data = prepared["meta"], prepared["out"], prepared["data"]
-  text_data = data_lib.make_text_data(prepared["cfg"])        # the in-memory text pipeline
+  text_data = data_lib.build_data(prepared["cfg"])        # the in-memory text pipeline
   assert json.loads(pathlib.Path(out, "metadata.json").read_text()) == meta
   assert meta["format"] == ar.FORMAT and meta["version"] == ar.FORMAT_VERSION
   assert meta["seq_len"] == 32 and meta["tokenizer"]["kind"] == "char"
@@ -92,7 +93,7 @@ def test_prepare_metadata_and_round_trip(prepared):
 
 
 def test_same_batches_as_the_text_pipeline(prepared):
-  text_data = data_lib.make_text_data(prepared["cfg"])
+  text_data = data_lib.build_data(prepared["cfg"])
   data = prepared["data"]
   assert _same(_take(iter(data.train_dataset(8, seed=5)), 4),
                _take(iter(text_data.train_dataset(8, seed=5)), 4))
@@ -196,68 +197,68 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(prepared, tmp_pa
   (leftover / "train-00000.partial").write_bytes(b"x")
   cfg = _data_config(dataset="array_record", path=out, tokenizer="char", seq_len=32)
   with pytest.raises(FileNotFoundError, match=r"does not exist.*ds\.tmp-1234-abcd.*interrupted"):
-    data_lib.make_text_data(cfg)
+    data_lib.build_data(cfg)
   # prepare still works next to the leftover.
   ar.prepare(prepared["cfg"], out, records_per_shard=7)
-  assert data_lib.make_text_data(cfg).num_train == prepared["data"].num_train
+  assert data_lib.build_data(cfg).num_train == prepared["data"].num_train
 
 
 def test_missing_empty_and_incomplete_dirs(prepared, tmp_path):
   cfg = lambda path: _data_config(dataset="array_record", path=str(path), tokenizer="char",  # noqa
                                   seq_len=32)
   with pytest.raises(FileNotFoundError, match=r"does not exist.*--mode=prepare"):
-    data_lib.make_text_data(cfg(tmp_path / "nope"))
+    data_lib.build_data(cfg(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="is empty"):
-    data_lib.make_text_data(cfg(tmp_path / "empty"))
+    data_lib.build_data(cfg(tmp_path / "empty"))
   import shutil
   broken = tmp_path / "broken"
   shutil.copytree(prepared["out"], broken)
   (broken / "metadata.json").unlink()
   with pytest.raises(FileNotFoundError, match="has no metadata.json"):
-    data_lib.make_text_data(cfg(broken))
+    data_lib.build_data(cfg(broken))
   shutil.rmtree(broken)
   shutil.copytree(prepared["out"], broken)
   (broken / prepared["meta"]["splits"]["train"]["shards"][3]["file"]).unlink()
   with pytest.raises(FileNotFoundError, match=r"incomplete: 1 file\(s\).*missing"):
-    data_lib.make_text_data(cfg(broken))
+    data_lib.build_data(cfg(broken))
   shutil.rmtree(broken)
   shutil.copytree(prepared["out"], broken)
   meta = json.loads((broken / "metadata.json").read_text())
   meta["splits"]["eval"]["num_sequences"] += 1
   (broken / "metadata.json").write_text(json.dumps(meta))
   with pytest.raises(FileNotFoundError, match="incomplete"):
-    data_lib.make_text_data(cfg(broken))
+    data_lib.build_data(cfg(broken))
   # An existing dataset is not overwritten by accident.
   with pytest.raises(ar.PrepareError, match="--overwrite"):
     ar.prepare(prepared["cfg"], prepared["out"])
   ar.prepare(prepared["cfg"], str(broken), records_per_shard=1000, overwrite=True)
-  assert data_lib.make_text_data(cfg(broken)).metadata["splits"]["train"]["num_shards"] == 1
+  assert data_lib.build_data(cfg(broken)).metadata["splits"]["train"]["num_shards"] == 1
 
 
 def test_config_mismatch_errors(prepared, tmp_path):
   out = prepared["out"]
   ok = dict(dataset="array_record", path=out, tokenizer="char", seq_len=32)
-  with pytest.raises(config_utils.ConfigError, match=r"--config\.data\.seq_len=32"):
-    data_lib.make_text_data(_data_config(**{**ok, "seq_len": 64}))
-  with pytest.raises(config_utils.ConfigError, match=r"--config\.data\.tokenizer=char"):
-    data_lib.make_text_data(_data_config(**{**ok, "tokenizer": "byte"}))
-  with pytest.raises(config_utils.ConfigError, match=r"data\.path"):
-    data_lib.make_text_data(_data_config(**{**ok, "path": ""}))
+  with pytest.raises(ConfigError, match=r"--config\.data\.seq_len=32"):
+    data_lib.build_data(_data_config(**{**ok, "seq_len": 64}))
+  with pytest.raises(ConfigError, match=r"--config\.data\.tokenizer=char"):
+    data_lib.build_data(_data_config(**{**ok, "tokenizer": "byte"}))
+  with pytest.raises(ConfigError, match=r"data\.path"):
+    data_lib.build_data(_data_config(**{**ok, "path": ""}))
   bpe_out = str(tmp_path / "bpe")
   ar.prepare(_data_config(**{**dict(prepared["cfg"]), "tokenizer": "bpe",
                              "bpe_vocab_size": 280}), bpe_out)
   bpe = dict(ok, path=bpe_out, tokenizer="bpe", bpe_vocab_size=280)
-  assert data_lib.make_text_data(_data_config(**bpe)).tokenizer.vocab_size == 280
-  with pytest.raises(config_utils.ConfigError, match=r"--config\.data\.bpe_vocab_size=280"):
-    data_lib.make_text_data(_data_config(**{**bpe, "bpe_vocab_size": 512}))
+  assert data_lib.build_data(_data_config(**bpe)).tokenizer.vocab_size == 280
+  with pytest.raises(ConfigError, match=r"--config\.data\.bpe_vocab_size=280"):
+    data_lib.build_data(_data_config(**{**bpe, "bpe_vocab_size": 512}))
   # The full config validates with the new dataset name, and needs a path.
   config = get_base_config()
   config.data.dataset = "array_record"
-  with pytest.raises(config_utils.ConfigError, match="data.path"):
-    config_utils.validate_config(config)
+  with pytest.raises(ConfigError, match="data.path"):
+    validate_config(config)
   config.data.path = out
-  config_utils.validate_config(config)
+  validate_config(config)
 
 
 def test_prepare_errors(prepared, tmp_path):
@@ -294,7 +295,7 @@ def test_tfds_source_offline(tmp_path):
   src = meta["source"]
   assert src["kind"] == "tfds" and src["name"] == "shakespeare_plays"
   assert src["train_documents"] == 3 and src["eval_documents"] == 2
-  data = data_lib.make_text_data(_data_config(dataset="array_record", path=out,
+  data = data_lib.build_data(_data_config(dataset="array_record", path=out,
                                               tokenizer="byte", seq_len=128))
   stream = np.frombuffer("\n\n".join(plays).encode("utf-8"), np.uint8).astype(np.int32)
   np.testing.assert_array_equal(data.read_split("train").ravel(),
@@ -359,7 +360,7 @@ def test_hf_source(tmp_path, monkeypatch):
                     source="hf:some/corpus", source_config="raw")
   assert calls == [("some/corpus", "raw", "train")]
   assert meta["source"]["train_documents"] == 36 and meta["source"]["eval_documents"] == 4
-  data = data_lib.make_text_data(_data_config(dataset="array_record", path=out,
+  data = data_lib.build_data(_data_config(dataset="array_record", path=out,
                                               tokenizer="byte", seq_len=16))
   stream = "\n\n".join(docs[:36]).encode("utf-8")
   assert data.tokenizer.decode(data.read_split("train").ravel()) == \

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.shakespeare_prime import get_config
+from mdm_jax.configs.shakespeare_prime import get_config
 from mdm_jax.benchmarks import collectives, prime_study
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_boxed, make_optimizer
 
 
 def _loop_hlo(trip: int):
@@ -56,10 +58,9 @@ def test_train_step_collectives_follow_the_mesh():
   res = collectives.run(cfg, [(8, 1, 1), (1, 8, 1)], vocab=64, per_device_batch=1, seq_len=16,
                         peak=459.0, ici=4800.0, mfu=0.5, chips=[8, 64])
   dp, fsdp = res["results"]
-  from mdm_jax import train  # pylint: disable=import-outside-toplevel
-  task = train.build_task(cfg, 64)
-  tx = train.make_optimizer(cfg.training)[0]
-  boxed = jax.eval_shape(lambda k: train._init_boxed(task, tx, k), jax.random.key(0))
+  task = build_task(cfg, 64)
+  tx = make_optimizer(cfg.training)[0]
+  boxed = jax.eval_shape(lambda k: init_boxed(task, tx, k), jax.random.key(0))
   param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(nn.unbox(boxed).params))
   ar = dp["collectives"]["all-reduce"]["bytes"]
   assert param_bytes * 0.9 <= ar <= param_bytes * 1.6, (ar, param_bytes)

@@ -1,15 +1,16 @@
 """Orbax checkpoints: restore onto a different mesh; clear errors for bad checkpoints."""
 
-import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from mdm_jax import checkpoint as ckpt_lib
-from mdm_jax import sharding as shd
-from mdm_jax import train
+from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.trainers.state import state_shardings
 from tests.test_sharding import _config
 
 
@@ -17,9 +18,9 @@ def _state_on(mesh_shape, seed=0):
   c = _config(mesh_shape)
   mesh = shd.make_mesh(c.mesh, devices=jax.devices()[: int(np.prod(mesh_shape))])
   rules = shd.logical_rules(c.mesh)
-  task = train.build_task(c, vocab_size=40)
-  tx, _ = train.make_optimizer(c.training)
-  state, shardings = train.init_state(task, tx, mesh, rules, seed=seed)
+  task = build_task(c, vocab_size=40)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, seed=seed)
   return c, task, tx, mesh, rules, state, shardings
 
 
@@ -31,7 +32,7 @@ def test_save_on_8_devices_restore_on_1(tmp_path):
   ck.close()
 
   _, task, tx, mesh1, rules, _, sh1 = _state_on((1, 1, 1), seed=0)
-  abstract, _ = train.state_shardings(task, tx, mesh1, rules)
+  abstract, _ = state_shardings(task, tx, mesh1, rules)
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
   restored = ck.restore(ckpt_lib.abstract_with_shardings(abstract, sh1))
   assert int(restored.step) == 0 and ck.latest_step() == 7
@@ -45,7 +46,7 @@ def test_save_on_8_devices_restore_on_1(tmp_path):
 
 def test_missing_partial_and_mismatched_checkpoints(tmp_path):
   _, task, tx, mesh, rules, state, sh = _state_on((1, 1, 1))
-  abstract = ckpt_lib.abstract_with_shardings(train.state_shardings(task, tx, mesh, rules)[0], sh)
+  abstract = ckpt_lib.abstract_with_shardings(state_shardings(task, tx, mesh, rules)[0], sh)
   empty = ckpt_lib.Checkpointer(str(tmp_path / "none"), async_save=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="No checkpoint found"):
     empty.restore(abstract)
@@ -74,7 +75,7 @@ def test_missing_partial_and_mismatched_checkpoints(tmp_path):
 
 def test_best_by_eval_keeps_the_lowest_and_restores_it(tmp_path):
   _, task, tx, mesh, rules, state, sh = _state_on((1, 1, 1))
-  abstract = ckpt_lib.abstract_with_shardings(train.state_shardings(task, tx, mesh, rules)[0], sh)
+  abstract = ckpt_lib.abstract_with_shardings(state_shardings(task, tx, mesh, rules)[0], sh)
   best = ckpt_lib.Checkpointer(str(tmp_path / "best"), async_save=False, max_to_keep=2,
                                best_metric="eval_nll")
   # Not monotone, so "best" differs from "latest": keep steps 20 (1.0) and 40 (1.5).

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from mdm_jax import train
-from configs import shakespeare_learned_order, shakespeare_prime
+from mdm_jax.trainers.inference import evaluate_checkpoint
+from mdm_jax.configs import shakespeare_learned_order, shakespeare_prime
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "pre_layout_checkpoints")
 CONFIGS = {"shakespeare_prime:tiny": shakespeare_prime.get_config,
@@ -39,7 +39,7 @@ def test_pre_layout_checkpoint_evaluates_to_its_bound(run, tmp_path, monkeypatch
   monkeypatch.chdir(tmp_path)            # data.path is relative to the run's folder
   want = expected["runs"][run]
   config = _config(want["config"], expected["overrides"])
-  res = train.evaluate_checkpoint(config, str(tmp_path / run))
+  res = evaluate_checkpoint(config, str(tmp_path / run))
   assert res["step"] == want["step"]
   assert res["eval_tokens"] == want["eval_tokens"]
   assert res["nll"] == pytest.approx(want["eval_nll"], rel=1e-6)

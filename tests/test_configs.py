@@ -18,10 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import config_utils
-from mdm_jax import sharding as shd
-from mdm_jax import train
 
+from mdm_jax.core.flags import last_override_wins
+
+from mdm_jax.tasks import validate_config
+
+from mdm_jax.trainers.setup import validate_batch
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.trainers.state import state_shardings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                       if not os.path.basename(p).startswith("_"))
@@ -48,7 +54,7 @@ def vocab_for(config) -> int:
 
 
 def dit_param_count(config, vocab: int, base: int, ell: int) -> dict:
-  """Parameters of mdm_jax's DiT from its layer shapes (see mdm_jax/models/dit.py)."""
+  """Parameters of mdm_jax's DiT from its layer shapes (see mdm_jax/networks/dit.py)."""
   m = config.model
   d, c, L, f = int(m.d_model), int(m.cond_dim), int(m.num_layers), int(m.mlp_ratio) * int(m.d_model)
   per_block = (d * 3 * d            # qkv
@@ -101,9 +107,9 @@ CASES = [(n, "") for n in CONFIG_FILES if n not in IMAGE_CONFIGS] + [
 def test_config_loads_validates_and_builds(name, arg):
   config = load(name, arg)
   assert config.model.name == "dit", f"{name}: add image configs to IMAGE_CONFIGS"
-  config_utils.validate_config(config)
+  validate_config(config)
   vocab = vocab_for(config)
-  task = train.build_task(config, vocab)
+  task = build_task(config, vocab)
   params = abstract_params(task)
   expect = dit_param_count(config, vocab, task.codec.base, task.codec.ell)
   params.pop("schedule", None)   # a learned multivariate schedule's own (few) parameters
@@ -111,7 +117,7 @@ def test_config_loads_validates_and_builds(name, arg):
   assert count(params["embed"]) == expect["embed"]
   # Every config's batch splits over 8 devices on its own mesh.
   mesh = shd.make_mesh(config.mesh, jax.devices()[:8])
-  config_utils.validate_batch(config, mesh)
+  validate_batch(config, mesh)
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)
@@ -133,7 +139,7 @@ def test_full_size_configs_are_dit_small(name):
   assert ell == 1 if "prime" not in name else 2 <= ell <= 8
 
   vocab = vocab_for(config)
-  task = train.build_task(config, vocab)
+  task = build_task(config, vocab)
   params = abstract_params(task)
   body = count(params) - count(params["embed"]) - count(params.get("head", {}))
   expect = dit_param_count(config, vocab, task.codec.base, task.codec.ell)
@@ -151,11 +157,11 @@ def test_full_size_configs_are_dit_small(name):
 def test_full_size_train_state_is_fsdp_sharded():
   """The optimizer state and parameters of DiT-small are sharded over 8 devices' fsdp axis."""
   config = load("owt_prime.py", "ell=4")
-  task = train.build_task(config, GPT2_VOCAB)
+  task = build_task(config, GPT2_VOCAB)
   mesh = shd.make_mesh(config.mesh, jax.devices()[:8])
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-  tx, _ = train.make_optimizer(config.training)
-  abstract, shardings = train.state_shardings(task, tx, mesh, shd.logical_rules(config.mesh))
+  tx, _ = make_optimizer(config.training)
+  abstract, shardings = state_shardings(task, tx, mesh, shd.logical_rules(config.mesh))
   spec = shardings.params["blocks"]["mlp_in"].spec
   assert "fsdp" in jax.tree.leaves(tuple(spec)), spec
   per_device = sum(math.prod(s.shard_shape(a.shape)) for a, s in
@@ -178,18 +184,18 @@ def test_repeated_override_last_one_wins():
       "import sys\n"
       "from absl import flags\n"
       "from ml_collections import config_flags\n"
-      "from mdm_jax import config_utils\n"
+      "from mdm_jax.core.flags import flags_parser\n"
       "config_flags.DEFINE_config_file('config')\n"
-      "config_utils.flags_parser('test')(sys.argv)\n"
+      "flags_parser('test')(sys.argv)\n"
       "c = flags.FLAGS.config\n"
       "print(tuple(c.mesh.shape), c.training.num_steps, c.prime.ell)\n")
-  argv = ["--config=configs/shakespeare_prime.py:tiny",
+  argv = ["--config=shakespeare_prime:tiny",
           "--config.mesh.shape=(2,1,1)", "--config.training.num_steps=4",
           "--config.mesh.shape=(4,1,1)", "--config.training.num_steps=5"]
   proc = subprocess.run([sys.executable, "-c", prog, *argv], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["(4,", "1,", "1)", "5", "2"], proc.stdout
-  assert config_utils.last_override_wins(
+  assert last_override_wins(
       ["p", "--config.a=1", "--config.b=2", "--other=1", "--config.a=3", "--config.ab=4"]) == [
           "p", "--config.b=2", "--other=1", "--config.a=3", "--config.ab=4"]

@@ -8,8 +8,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
+from mdm_jax.configs.base import get_base_config
 from mdm_jax import data as data_lib
+from mdm_jax.metrics import text as text_metrics
 from mdm_jax.data import corpora
 from mdm_jax.data import tokenizers as tok_lib
 
@@ -295,14 +296,14 @@ def test_make_text_data_with_cache(tmp_path, shakespeare):
   cfg = _data_config(dataset="text_files", path=str(corpus), tokenizer="bpe", bpe_vocab_size=400,
                      seq_len=64, eval_fraction=0.05)
   workdir = str(tmp_path / "work")
-  data = data_lib.make_text_data(cfg, workdir)
+  data = data_lib.build_data(cfg, workdir)
   assert data.tokenizer.vocab_size == 400 and data.train.shape[1] == 64
   assert data.eval.shape[0] >= 1 and data.train.shape[0] > 10 * data.eval.shape[0]
   assert os.path.isfile(os.path.join(workdir, "tokenizer", "tokens.npy"))
   tokens, tok = data_lib.tokenize_corpus(cfg, workdir)
   assert tok.fingerprint() == data.tokenizer.fingerprint()
   np.testing.assert_array_equal(tokens[:data.train.size], data.train.ravel())
-  again = data_lib.make_text_data(cfg, workdir)
+  again = data_lib.build_data(cfg, workdir)
   np.testing.assert_array_equal(again.train, data.train)
   np.testing.assert_array_equal(again.eval, data.eval)
   assert again.tokenizer.decode(again.eval[0]) == data.tokenizer.decode(data.eval[0])
@@ -311,19 +312,19 @@ def test_make_text_data_with_cache(tmp_path, shakespeare):
 
 
 def test_known_word_rate_counts_corpus_words():
-  words = data_lib.corpus_words("KING. Thou art a villain, o'er the hill; don't.")
+  words = text_metrics.corpus_words("KING. Thou art a villain, o'er the hill; don't.")
   assert {"king", "thou", "o'er", "don't", "villain"} <= words and "o" not in words
-  rate, n = data_lib.known_word_rate(["Thou art a Tathtain", "villain rseit! don't"], words)
+  rate, n = text_metrics.known_word_rate(["Thou art a Tathtain", "villain rseit! don't"], words)
   assert n == 7 and rate == pytest.approx(5 / 7)
-  assert data_lib.known_word_rate(["?! ..."], words) == (0.0, 0)
+  assert text_metrics.known_word_rate(["?! ..."], words) == (0.0, 0)
 
 
 def test_known_bigram_rate_counts_in_line_word_pairs():
-  pairs = data_lib.corpus_bigrams("KING. Thou art a villain,\nO'er the hill; don't.")
+  pairs = text_metrics.corpus_bigrams("KING. Thou art a villain,\nO'er the hill; don't.")
   assert {"king thou", "thou art", "art a", "a villain", "o'er the", "the hill",
           "hill don't"} == set(pairs)
   assert "villain o'er" not in pairs          # pairs never cross a line break
   # "thou art" + "art a" known, "a king" unknown; "villain the" unknown; one-word lines: none
-  rate, n = data_lib.known_bigram_rate(["Thou art a king", "villain the", "Exit"], pairs)
+  rate, n = text_metrics.known_bigram_rate(["Thou art a king", "villain the", "Exit"], pairs)
   assert n == 4 and rate == pytest.approx(2 / 4)
-  assert data_lib.known_bigram_rate(["Exit", "?!"], pairs) == (0.0, 0)
+  assert text_metrics.known_bigram_rate(["Exit", "?!"], pairs) == (0.0, 0)

@@ -1,4 +1,4 @@
-"""Di[M]O one-step distillation (mdm_jax/distill.py, algorithms.md §5): the surrogate's
+"""Di[M]O one-step distillation (mdm_jax/distill.py, docs/method/algorithms.md §5): the surrogate's
 gradient, the KL gradients, the fixed point, the token initialisation, the frozen
 parameters, generator steps lowering the divergence to the teacher, and the CLI."""
 
@@ -14,13 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import checkpoint as ckpt_lib
-from mdm_jax import config_utils
-from mdm_jax import distill
-from mdm_jax import train
-from mdm_jax.config_utils import ConfigError
-from mdm_jax.models.embed_noise import perturb_embeddings
-from mdm_jax.prime import PrimeCodec
+from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.core.config import to_dict
+from mdm_jax.trainers import distill
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.core.errors import ConfigError
+from mdm_jax.networks.embed_noise import perturb_embeddings
+from mdm_jax.diffusion.prime import PrimeCodec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 16          # tiny vocabulary (pixel levels) for the unit tests
@@ -54,7 +57,7 @@ def _jitter(tree, key, scale):
 def setup():
   """A tiny image task, a non-trivial random teacher (zero-initialised heads jittered)."""
   c = _config()
-  task = train.build_task(c, V)
+  task = build_task(c, V)
   teacher = jax.jit(lambda k: _jitter(nn.unbox(task.model.init(
       k, jnp.zeros((2, SIDE * SIDE, 1), jnp.int32), jnp.ones((2,)))["params"]),
       jax.random.key(1), 0.2))(jax.random.key(0))
@@ -161,7 +164,7 @@ def test_backbones_use_the_embedding_noise_and_generator_outputs_valid_tokens(se
   np.testing.assert_array_equal(t, np.asarray(run(teacher, jax.random.key(5))[3]))
   assert not np.array_equal(t, np.asarray(run(teacher, jax.random.key(6))[3]))
   # the text DiT takes the same argument
-  from mdm_jax.models.dit import DiT, DiTConfig
+  from mdm_jax.networks.dit import DiT, DiTConfig
   dit = DiT(DiTConfig(vocab_size=V, ell=1, base=V, num_layers=1, d_model=16, num_heads=2,
                       cond_dim=16, gate_init=1.0))
   x = jnp.zeros((2, 5, 1), jnp.int32)
@@ -306,8 +309,9 @@ def test_bad_distill_config_is_rejected(key, value, match):
 # ------------------------------------------------------------------ CLI: distil + evaluate
 def test_cli_distill_resume_and_evaluate(tmp_path):
   from PIL import Image
-  from mdm_jax.data import make_text_data
-  from mdm_jax import eval_images
+  from mdm_jax.data import build_data as make_text_data
+  from mdm_jax.metrics import classifier as eval_images
+  from mdm_jax.cli import eval_images as eval_images_cli
   from mdm_jax.data import images
   rng = np.random.default_rng(0)
   folder = tmp_path / "imgs"
@@ -328,12 +332,12 @@ def test_cli_distill_resume_and_evaluate(tmp_path):
   # a teacher checkpoint (random weights stand in for a trained run)
   teacher_wd = str(tmp_path / "teacher")
   data = make_text_data(c.data)
-  task = train.build_task(c, data.tokenizer.vocab_size)
-  mesh = train.shd.make_mesh(c.mesh)
-  tx, _ = train.make_optimizer(c.training)
-  state, _ = train.init_state(task, tx, mesh, train.shd.logical_rules(c.mesh), 0)
+  task = build_task(c, data.tokenizer.vocab_size)
+  mesh = shd.make_mesh(c.mesh)
+  tx, _ = make_optimizer(c.training)
+  state, _ = init_state(task, tx, mesh, shd.logical_rules(c.mesh), 0)
   ck = ckpt_lib.Checkpointer(os.path.join(teacher_wd, "checkpoints"), async_save=False)
-  ck.save(5, state, None, config_utils.to_dict(c), force=True)
+  ck.save(5, state, None, to_dict(c), force=True)
   ck.close()
   clf_dir = str(tmp_path / "clf")
   eval_images.train_classifier(data.images("train"), data.train_labels, data.num_classes,
@@ -357,7 +361,7 @@ def test_cli_distill_resume_and_evaluate(tmp_path):
   meta = json.load(open(os.path.join(wd, "distill_meta.json")))
   assert meta["teacher_workdir"] == teacher_wd
   # the one-step generator's classifier Frechet distance (eval_images --mode=evaluate_distilled)
-  out = distill.evaluate_generator(c, wd, clf_dir, num_samples=8, sample_batch=4)
+  out = eval_images_cli.evaluate_generator(c, wd, clf_dir, num_samples=8, sample_batch=4)
   assert out["step"] == 2 and out["nfe_per_sample"] == 1 and out["fd_num_samples"] == 8
   assert out["classifier_frechet_distance"] >= 0 and out["seconds_per_image"] > 0
   assert out["bits_per_dim"] is None and os.path.isfile(out["grid_png"])

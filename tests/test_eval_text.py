@@ -1,4 +1,4 @@
-"""Generative perplexity (mdm_jax/eval_text.py): exact AR scores of texts, and --mode=score."""
+"""Generative perplexity (mdm_jax/metrics/gen_ppl.py): exact AR scores of texts, and --mode=score."""
 
 import json
 import os
@@ -10,9 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import eval_text
-from mdm_jax import losses
-from mdm_jax.config_utils import ConfigError
+from mdm_jax.core.config import from_dict
+from mdm_jax.metrics import gen_ppl as eval_text
+from mdm_jax.benchmarks import sampler_table
+from mdm_jax.trainers.inference import load_scorer, sample_checkpoint
+from mdm_jax.trainers.setup import restore_for_inference
+from mdm_jax.diffusion import autoregressive as ar_lib
+from mdm_jax.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AR_TINY = "--config=configs/shakespeare_ar.py:tiny"
@@ -40,35 +44,45 @@ def ar_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(ar_run):
-  return eval_text.load_scorer(ar_run)       # the config comes from the run's config.json
+  return load_scorer(ar_run)       # the config comes from the run's config.json
 
 
-def _ar_nll(scorer, rows):
+@pytest.fixture(scope="module")
+def ar_model(ar_run):
+  """(task, EMA params) of the AR run, restored independently of the scorer."""
+  with open(os.path.join(ar_run, "config.json")) as f:
+    config = from_dict(json.load(f))
+  task, state, *_ = restore_for_inference(config, ar_run)
+  return task, state.ema_params
+
+
+def _ar_nll(ar_model, rows):
+  task, params = ar_model
   rows = jnp.asarray(np.asarray(rows, np.int32))
-  return np.asarray(losses.ar_loss(scorer.task.apply_fn, scorer.params, rows,
-                                   jax.random.PRNGKey(0), bos_id=scorer.task.codec.mask_id,
+  return np.asarray(ar_lib.ar_loss(task.apply_fn, params, rows,
+                                   jax.random.PRNGKey(0), bos_id=task.codec.mask_id,
                                    train=False)[0])
 
 
-def test_held_out_rows_score_their_exact_ar_nll(scorer):
+def test_held_out_rows_score_their_exact_ar_nll(scorer, ar_model):
   rows = np.asarray(scorer.eval_rows[:5])
   texts = [scorer.tokenizer.decode(r) for r in rows]
   r = eval_text.score_texts(scorer, texts, batch_size=4)   # 5 windows: a padded second batch
   assert r["num_tokens"] == rows.size and r["num_texts"] == 5
-  want = _ar_nll(scorer, rows)
+  want = _ar_nll(ar_model, rows)
   np.testing.assert_allclose(r["nats_per_token"], want.sum() / rows.size, rtol=1e-5)
   np.testing.assert_allclose(r["gen_ppl"], np.exp(want.sum() / rows.size), rtol=1e-5)
   np.testing.assert_allclose(np.log(r["per_text"]), want / rows.shape[1], rtol=1e-5)
   assert r["nats_per_char"] == pytest.approx(want.sum() / sum(map(len, texts)), rel=1e-5)
 
 
-def test_a_long_text_is_scored_in_windows_that_each_start_from_bos(scorer):
+def test_a_long_text_is_scored_in_windows_that_each_start_from_bos(scorer, ar_model):
   ids = np.asarray(scorer.eval_rows[:3]).reshape(-1)
   length = scorer.seq_len
   ids = ids[:2 * length + 7]                       # two full windows and 7 tokens
   r = eval_text.score_texts(scorer, [scorer.tokenizer.decode(ids)])
-  want = (_ar_nll(scorer, ids[:2 * length].reshape(2, length)).sum()
-          + _ar_nll(scorer, ids[None, 2 * length:]).sum())     # the tail as a 7-token row
+  want = (_ar_nll(ar_model, ids[:2 * length].reshape(2, length)).sum()
+          + _ar_nll(ar_model, ids[None, 2 * length:]).sum())     # the tail as a 7-token row
   assert r["num_tokens"] == len(ids)
   np.testing.assert_allclose(r["nats_per_token"] * len(ids), want, rtol=1e-5)
 
@@ -105,21 +119,18 @@ def test_read_texts_takes_sample_json_sample_txt_and_plain_text(tmp_path):
 
 def test_only_an_ar_run_can_score(tmp_path, scorer):
   with pytest.raises(ConfigError, match="no config.json"):
-    eval_text.load_scorer(str(tmp_path))
+    load_scorer(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"objective": "diffusion"}))
   with pytest.raises(ConfigError, match="autoregressive"):
-    eval_text.load_scorer(str(tmp_path))
+    load_scorer(str(tmp_path))
   with pytest.raises(eval_text.ScoreError):
     eval_text.score_texts(scorer, [])
 
 
 def test_samples_carry_gen_ppl_when_a_scorer_is_set(ar_run, scorer):
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from mdm_jax import train  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict(json.load(open(os.path.join(ar_run, "config.json"))))
-  config.mesh.shape = tuple(config.mesh.shape)
+  config = from_dict(json.load(open(os.path.join(ar_run, "config.json"))))
   config.sampling.scorer_workdir = ar_run          # the run scores its own samples
-  out = train.sample_checkpoint(config, ar_run)
+  out = sample_checkpoint(config, ar_run)
   sdir = os.path.join(ar_run, "samples")
   newest = max((os.path.join(sdir, f) for f in os.listdir(sdir) if f.endswith(".json")),
                key=os.path.getmtime)
@@ -146,16 +157,13 @@ def test_score_mode_on_the_command_line(ar_run, tmp_path):
   assert "Traceback" not in wrong.stderr
 
 
-def test_sampler_table_scores_each_row(ar_run, scorer):
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from mdm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
-  from mdm_jax.benchmarks import sampler_table  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict(json.load(open(os.path.join(ar_run, "config.json"))))
-  config.mesh.shape = tuple(config.mesh.shape)
+def test_sampler_table_scores_each_row(ar_run, scorer, ar_model):
+  config = from_dict(json.load(open(os.path.join(ar_run, "config.json"))))
   config.sampling.scorer_workdir = ar_run
   rows = sampler_table.run_table(config, ar_run, ["ar"], steps=[8], num_samples=2)
-  res, _ = sample_lib.generate(scorer.task, scorer.params, config, num_steps=8, sampler="ar",
-                               num_samples=2)            # the same seed: the same samples
+  task, params = ar_model
+  res, _ = task.generate(params, config, num_steps=8, sampler="ar",
+                         num_samples=2)                  # the same seed: the same samples
   again = eval_text.score_texts(scorer, [scorer.tokenizer.decode(r)
                                          for r in np.asarray(res.tokens)])
   assert rows[0]["gen_ppl"] == pytest.approx(again["gen_ppl"], rel=1e-5)

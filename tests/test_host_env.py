@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mdm_jax import host_env
+from mdm_jax.core import host_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPU_LINUX = dict(system="Linux", libc="glibc", exists=lambda p: False)
@@ -43,7 +43,7 @@ def test_reexec_runs_the_program_with_the_tuned_environment():
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   probe = ("import os; print(os.getpid(), *(os.environ.get(k) for k in "
            "('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MDM_JAX_MALLOC_TUNED')))")
-  code = ("import os, sys; print(os.getpid(), flush=True); from mdm_jax import host_env; "
+  code = ("import os, sys; print(os.getpid(), flush=True); from mdm_jax.core import host_env; "
           f"host_env.reexec_with_tuned_malloc(['-c', {probe!r}]); print('not re-executed')")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True).stdout.split()

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import config_utils
-from mdm_jax import eval_images
-from mdm_jax import train
+from mdm_jax.core.errors import ConfigError
+
+from mdm_jax.tasks import validate_config
+from mdm_jax.metrics import classifier as eval_images
+from mdm_jax.metrics import frechet, inception
+from mdm_jax.tasks import build_task
 from mdm_jax.data import images
-from mdm_jax.data import make_text_data
+from mdm_jax.data import build_data as make_text_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,8 +171,8 @@ def test_png_grid(tmp_path):
 def test_image_dit_shapes_and_loss(ell):
   c = _load_config("fashion_mnist_prime.py", f"ell={ell},tiny")
   c.model.image_shape, c.data.seq_len, c.model.patch_size = (8, 8, 2), 128, 4
-  config_utils.validate_config(c)
-  task = train.build_task(c, 256)
+  validate_config(c)
+  task = build_task(c, 256)
   assert task.codec.base == (256 if ell == 1 else 16)
   digits = jnp.zeros((2, 128, ell), jnp.int32)
   params = nn.unbox(jax.jit(task.model.init)(jax.random.key(0), digits, jnp.ones(2))["params"])
@@ -186,7 +189,7 @@ def test_image_dit_shapes_and_loss(ell):
 
 
 def test_patchify_is_a_permutation():
-  from mdm_jax.models.image_dit import patchify, unpatchify
+  from mdm_jax.networks.image_dit import patchify, unpatchify
   x = jnp.arange(2 * 4 * 6 * 3).reshape(2, 4 * 6 * 3, 1)
   p = patchify(x, (4, 6, 3), 2)
   assert p.shape == (2, 6, 12)
@@ -202,8 +205,8 @@ def test_image_configs_validate():
                     ("fashion_mnist_mdm.py", ""), ("cifar10_prime.py", ""),
                     ("cifar10_prime.py", "mdm"), ("imagenet32_prime.py", "")]:
     c = _load_config(name, arg)
-    config_utils.validate_config(c)
-    task = train.build_task(c, int(c.data.num_levels))
+    validate_config(c)
+    task = build_task(c, int(c.data.num_levels))
     shapes = jax.eval_shape(task.model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, task.seq_len, task.codec.ell), jnp.int32),
                             jax.ShapeDtypeStruct((1,), jnp.float32))
@@ -212,8 +215,8 @@ def test_image_configs_validate():
   c = _load_config("cifar10_prime.py")
   assert c.data.seq_len == 3072 and c.training.batch_size == 512 and c.prime.ell == 2
   c.data.seq_len = 100
-  with pytest.raises(config_utils.ConfigError, match="seq_len"):
-    config_utils.validate_config(c)
+  with pytest.raises(ConfigError, match="seq_len"):
+    validate_config(c)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -238,26 +241,26 @@ def test_classifier_features_and_save_load(tmp_path):
 def test_frechet_distance_closed_forms():
   rng = np.random.default_rng(0)
   f = rng.normal(size=(500, 6))
-  assert eval_images.frechet_distance_of_features(f, f) == pytest.approx(0.0, abs=1e-8)
+  assert frechet.frechet_distance_of_features(f, f) == pytest.approx(0.0, abs=1e-8)
   # diagonal Gaussians: |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2))
   mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.5])
   s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([4.0, 0.5, 0.5])
   exact = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-  got = eval_images.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+  got = frechet.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
   assert got == pytest.approx(exact, rel=1e-9)
   # a full covariance: rotating both Gaussians together leaves the distance unchanged
   q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-  rot = eval_images.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2,
+  rot = frechet.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2,
                                      q @ np.diag(s2) @ q.T)
   assert rot == pytest.approx(exact, rel=1e-6)
   # samples of shifted Gaussians: ~ |shift|^2 (sampling error shrinks with N)
   shift = np.array([1.0, 0.5, 0, 0, 0, 0])
   g = rng.normal(size=(20000, 6)) + shift
   h = rng.normal(size=(20000, 6))
-  assert eval_images.frechet_distance_of_features(g, h) == pytest.approx(1.25, abs=0.05)
+  assert frechet.frechet_distance_of_features(g, h) == pytest.approx(1.25, abs=0.05)
   assert eval_images.bits_per_dim(np.log(2.0) * 3) == pytest.approx(3.0)
   with pytest.raises(FileNotFoundError, match="Inception weights not found"):
-    eval_images.standard_fid(None, None, "/nonexistent/inception.npz")
+    inception.standard_fid(None, None, "/nonexistent/inception.npz")
 
 
 # ------------------------------------------------------------------ command line
@@ -298,7 +301,6 @@ def test_cli_train_sample_writes_png_and_image_eval(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   # ... plus standard FID from Inception weights on disk (random ones, in the .npz format)
-  from mdm_jax import inception
   weights = str(tmp_path / "inception_fid.npz")
   np.savez(weights, **inception.to_torch_state(inception.random_weights(seed=1)))
   proc = subprocess.run([sys.executable, "-m", "mdm_jax.eval_images", "--mode=evaluate", cfg,

@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from mdm_jax import eval_images, inception
+from mdm_jax.metrics import frechet, inception
 
 SIZE = 75        # the smallest input Inception-v3 accepts: keeps the test cheap
 
@@ -58,10 +58,10 @@ def test_features_match_jax_fid_and_fid_pipeline(weights, monkeypatch):
   # the padding of the last batch (rows 4, 5 padded to 4) does not leak into its rows
   alone = inception.inception_features(a[4:6], variables, batch_size=4, image_size=SIZE)
   np.testing.assert_allclose(alone, ours[4:6], rtol=1e-5, atol=1e-6)
-  # FID: identical sets ~ 0; a brighter set is far; eval_images.standard_fid is the same pipeline
+  # FID: identical sets ~ 0; a brighter set is far; inception.standard_fid is the same pipeline
   b = _images(1, 6, 200)
-  same = eval_images.frechet_distance_of_features(ours, ours)
-  far = eval_images.standard_fid(a, b, weights["npz"], batch_size=4, image_size=SIZE)
+  same = frechet.frechet_distance_of_features(ours, ours)
+  far = inception.standard_fid(a, b, weights["npz"], batch_size=4, image_size=SIZE)
   assert same < 1e-6 * far and far > 0
 
 

@@ -13,9 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mdm_jax import losses, prime
-from mdm_jax.models import build_model
-from mdm_jax.schedules import get_schedule
+from mdm_jax.diffusion import elbo as losses, prime
+
+from mdm_jax.diffusion import autoregressive as ar_lib
+from mdm_jax.networks import build_model
+from mdm_jax.diffusion.schedules import get_schedule
 
 LIN = get_schedule(ml_collections.ConfigDict({"name": "linear"}))
 COS = get_schedule(ml_collections.ConfigDict({"name": "cosine"}))
@@ -223,7 +225,7 @@ def test_ar_loss_exact_and_causal():
   model, apply_fn = _tiny_model(vocab, 1, vocab, causal=True)
   params = _init(model, length, 1)
   tokens = jax.random.randint(jax.random.key(0), (3, length), 0, vocab)
-  loss, _ = losses.ar_loss(apply_fn, params, tokens, jax.random.key(0), bos_id=vocab,
+  loss, _ = ar_lib.ar_loss(apply_fn, params, tokens, jax.random.key(0), bos_id=vocab,
                            train=False)
   # Reference: score each prefix separately, with random junk after it (one compiled
   # shape): a causal model's prediction at position i must not depend on the junk.

@@ -48,13 +48,14 @@ def test_train_writes_metrics_samples_checkpoints(trained):
   stats = json.load(open(os.path.join(wd, "samples", "step_30.json")))
   assert stats["nfe"] >= 1 and stats["tokens_per_s"] > 0
   # the known-word rate is recomputed from the written texts and the corpus's words
-  from mdm_jax.data import corpora, text as text_lib
+  from mdm_jax.data import corpora
+  from mdm_jax.metrics import text as text_metrics
   bodies = [b.split("=====\n", 1)[1] for b in text.split("===== sample ")[1:]]
-  want, n = text_lib.known_word_rate([b[:-2] for b in bodies],
-                                     text_lib.corpus_words(corpora.shakespeare_text()))
+  want, n = text_metrics.known_word_rate([b[:-2] for b in bodies],
+                                     text_metrics.corpus_words(corpora.shakespeare_text()))
   assert stats["num_words"] == n > 0 and stats["known_word_rate"] == pytest.approx(want)
-  want, n = text_lib.known_bigram_rate([b[:-2] for b in bodies],
-                                       text_lib.corpus_bigrams(corpora.shakespeare_text()))
+  want, n = text_metrics.known_bigram_rate([b[:-2] for b in bodies],
+                                       text_metrics.corpus_bigrams(corpora.shakespeare_text()))
   assert stats["num_bigrams"] == n and stats["known_bigram_rate"] == pytest.approx(want)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "30"))
 
@@ -115,8 +116,8 @@ def test_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("module,cfg", [
-    ("mdm_jax.eval_images", "configs/fashion_mnist_prime.py"),
-    ("mdm_jax.eval_gaussian", "configs/fashion_mnist_mcdit.py"),
+    ("mdm_jax.cli.eval_images", "configs/fashion_mnist_prime.py"),
+    ("mdm_jax.cli.eval_gaussian", "configs/fashion_mnist_mcdit.py"),
     ("mdm_jax.benchmarks.train_bench", "configs/shakespeare_prime.py"),
     ("mdm_jax.benchmarks.collectives", "configs/owt_prime.py"),
     ("mdm_jax.benchmarks.prime_study", "configs/shakespeare_prime.py"),

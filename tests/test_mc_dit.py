@@ -1,4 +1,4 @@
-"""MC-DiT (mc_dit.md §5 unit tests): Gaussian diffusion, the dit | mdt | mcdit arms, masks,
+"""MC-DiT (docs/method/mc_dit.md §5 unit tests): Gaussian diffusion, the dit | mdt | mcdit arms, masks,
 gradient routing, inference isolation, samplers, guidance, sharding and the CLI path."""
 
 import importlib.util
@@ -10,12 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import gaussian as g
-from mdm_jax import gaussian_task as gt
-from mdm_jax import sharding as shd
-from mdm_jax import train
+from mdm_jax.diffusion import gaussian as g
+from mdm_jax.tasks import gaussian as gt
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.inference import sample_checkpoint
+from mdm_jax.trainers.loop import train_and_evaluate
+from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.trainers.steps import make_train_step
 from mdm_jax.data import images
-from mdm_jax.models.mc_dit import MCDiT, patchify_images, unpatchify_images
+from mdm_jax.networks.mc_dit import MCDiT, patchify_images, unpatchify_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +37,7 @@ def _task(arm, **gaussian):
   c = _config(f"arm={arm},smoke")
   for k, v in gaussian.items():
     c.gaussian[k] = v
-  return train.build_task(c, 256), c
+  return build_task(c, 256), c
 
 
 _PARAMS = {}
@@ -304,17 +309,17 @@ def test_classifier_free_guidance_combination():
 
 
 def test_bad_config_gives_clear_errors():
-  from mdm_jax.config_utils import ConfigError
+  from mdm_jax.core.errors import ConfigError
   c = _config("arm=mcdit,smoke")
   c.gaussian.sampler = "edm_heun"
   with pytest.raises(ConfigError, match="does not fit gaussian.form"):
-    train.build_task(c, 256)
+    build_task(c, 256)
   with pytest.raises(ValueError, match="Unknown config variant"):
     _config("arm=mcdit,bogus")
   c = _config("arm=mcdit,smoke")
   c.model.patch_size = 5
   with pytest.raises(ConfigError, match="patch_size"):
-    train.build_task(c, 256)
+    build_task(c, 256)
 
 
 # ------------------------------------------------------------------ sharding + the trainer's path
@@ -322,20 +327,20 @@ def test_sharded_train_step_matches_unsharded_loss():
   task, c = _task("mcdit")
   c.mesh.shape = (2, 2, 2)
   mesh, rules = shd.make_mesh(c.mesh), shd.logical_rules(c.mesh)
-  tx, _ = train.make_optimizer(c.training)
-  state, shardings = train.init_state(task, tx, mesh, rules, 0)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, 0)
   specs = {str(s.spec) for s in jax.tree.leaves(shardings.params)}
   assert any("fsdp" in s or "tensor" in s for s in specs)      # parameters really sharded
   tokens, labels = _batch(8)
   # the trainer's loss of step 0 recomputed on one device from the same parameters
   k = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   k_t, k_loss = jax.random.split(k)
-  from mdm_jax import losses
+  from mdm_jax.diffusion import elbo as losses
   t = losses.sample_times(k_t, 8, task.loss_cfg.t_min, task.loss_cfg.antithetic)
   host = jax.device_get(state.params)
   per, _ = jax.jit(lambda p: task.loss(p, tokens, k_loss, train=True, t=t,
                                        row_ids=jnp.arange(8), labels=labels))(host)
-  step = train.make_train_step(task, tx, c, mesh, rules, shardings)
+  step = make_train_step(task, tx, c, mesh, rules, shardings)
   bs = shd.batch_sharding(mesh)
   with jax.set_mesh(mesh):
     _, m = step(state, {"tokens": shd.global_batch(np.asarray(tokens), bs),
@@ -363,10 +368,10 @@ def test_train_then_sample_from_checkpoint_writes_png(tmp_path):
   c.eval.every_steps = c.checkpoint.every_steps = 2
   c.checkpoint.keep_best = 0
   wd = str(tmp_path / "run")
-  res = train.train_and_evaluate(c, wd)
+  res = train_and_evaluate(c, wd)
   assert res["step"] == 2 and np.isfinite(res["eval_denoise_loss"])
   assert len([k for k in res if k.startswith("eval_denoise_loss_t")]) == 8
-  out = train.sample_checkpoint(c, wd)
+  out = sample_checkpoint(c, wd)
   assert out["sampler"] == "ddim" and out["num_samples"] == 4
   img = images.read_png(out["grid_png"])
   assert img.ndim == 3 and img.shape[0] > 28
@@ -378,14 +383,15 @@ def test_train_then_sample_from_checkpoint_writes_png(tmp_path):
                                       ("cifar10_mcdit.py", "arm=mcdit")])
 def test_configs_build_abstractly(name, arg):
   """Each config builds its task and (abstract) parameters; sampling path = E + D_n in every arm."""
-  from mdm_jax import config_utils
+  from mdm_jax.tasks import validate_config
+  from mdm_jax.trainers.setup import validate_batch
   spec = importlib.util.spec_from_file_location(f"_c_{name[:-3]}", os.path.join(ROOT, "configs",
                                                                                name))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config(arg)
-  config_utils.validate_config(c)
-  task = train.build_task(c, 256)
+  validate_config(c)
+  task = build_task(c, 256)
   h, w, ch = task.mc.image_shape
   x = jax.ShapeDtypeStruct((2, h * w * ch), jnp.float32)
   lvl, y = jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -398,7 +404,7 @@ def test_configs_build_abstractly(name, arg):
   assert params["dn"]["head"].shape == (d, task.mc.patch_dim)
   if name.startswith("cifar"):
     assert task.mc.num_patches == 256 and d == 384 and c.model.dtype == "bfloat16"
-  config_utils.validate_batch(c, shd.make_mesh(c.mesh, jax.devices()[:8]))
+  validate_batch(c, shd.make_mesh(c.mesh, jax.devices()[:8]))
 
 
 # ------------------------------------------------------------------ ablations and probes
@@ -439,7 +445,7 @@ def test_context_t_noises_visible_patches_below_t_and_tells_their_level():
   with pytest.raises(Exception, match="context_time"):
     c = _config("arm=mcdit,smoke")
     c.gaussian.context = "small_t"
-    train.build_task(c, 256)
+    build_task(c, 256)
 
 
 def test_single_decoder_and_c_without_g():

@@ -2,13 +2,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
-from mdm_jax.models import build_model
-from mdm_jax.models.dit import DiTConfig, SubTokenEmbed, project
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.networks import build_model
+from mdm_jax.networks.dit import DiTConfig, SubTokenEmbed, project
 
 
 def _cfg(**kw):
@@ -214,7 +213,7 @@ def test_local_conv_bad_width():
 
 @pytest.mark.parametrize("width,causal", [(3, False), (5, False), (2, True), (3, True)])
 def test_length_conv_matches_numpy(width, causal):
-  from mdm_jax.models.dit import _length_conv   # pylint: disable=import-outside-toplevel
+  from mdm_jax.networks.dit import _length_conv   # pylint: disable=import-outside-toplevel
 
   class Conv(nn.Module):
     @nn.compact

@@ -181,17 +181,17 @@ def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
 
 
 def test_two_checkpointers_save_the_same_step_at_once_across_processes(tmp_path):
-  """Regression: after an eval, train.py saves one step into checkpoints/ and
+  """Regression: after an eval, the train loop saves one step into checkpoints/ and
   checkpoints_best/ at once.  Orbax keys its barriers by the step directory's name, so
   without a per-manager prefix the two managers' background threads met at each other's
   barriers and the 2-process job hung or failed (seen on CI)."""
   (tmp_path / "two_ckpts.py").write_text(textwrap.dedent("""\
       import os, random, sys, time
-      from mdm_jax import distributed
+      from mdm_jax.core import distributed
       distributed.maybe_initialize()
       distributed.dump_stacks_on_signal()
       import jax, numpy as np
-      from mdm_jax import checkpoint
+      from mdm_jax.trainers import checkpoint
       base = sys.argv[1]
       mesh = jax.make_mesh((jax.device_count(),), ("d",))
       sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
@@ -259,7 +259,7 @@ def test_launcher_timeout_dumps_every_process_stack(tmp_path):
   """
   (tmp_path / "hang.py").write_text(textwrap.dedent("""\
       import os, time
-      from mdm_jax import distributed
+      from mdm_jax.core import distributed
       distributed.dump_stacks_on_signal()
       print(f"child {os.environ['JAX_PROCESS_ID']} waiting", flush=True)
       def wait_for_the_others():
@@ -300,7 +300,7 @@ def test_launcher_env():
 
 def test_cpu_collectives_switch(monkeypatch):
   import jax  # pylint: disable=import-outside-toplevel
-  from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
+  from mdm_jax.core import distributed  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert distributed._cpu_is_the_platform()     # pylint: disable=protected-access
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")

@@ -1,6 +1,6 @@
 """Multivariate (learned-order) schedules: exactness, gradients, the AR limit, sampling order.
 
-See mdm_jax/multivariate.py and algorithms.md §2.
+See mdm_jax/diffusion/schedules/ and docs/method/algorithms.md §2.
 """
 
 import itertools
@@ -16,11 +16,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mdm_jax import losses, prime
-from mdm_jax import multivariate as mv
-from mdm_jax.models import build_model
+from mdm_jax.diffusion import elbo as losses, prime
+
+from mdm_jax.diffusion import autoregressive as ar_lib
+from mdm_jax.diffusion.schedules.learned_poly import LearnedPolySchedule
+from mdm_jax.networks import ScheduledModel, attach_schedule
+from mdm_jax.networks import build_model
 from mdm_jax.sampling import ancestral_sample
-from mdm_jax.schedules import get_schedule
+from mdm_jax.diffusion.schedules import get_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,14 +66,14 @@ def _mixing_model(vocab, ell, base, seed=0):
 def test_schedule_parameters_live_in_the_model_params():
   vocab, length, ell = 30, 8, 2
   codec = prime.PrimeCodec.create(vocab, ell)
-  model = mv.attach(_dit(vocab, ell, codec.base), _sched("learned_poly"))
+  model = attach_schedule(_dit(vocab, ell, codec.base), _sched("learned_poly"))
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((2, length, ell), jnp.int32),
                           jax.ShapeDtypeStruct((2,), jnp.float32))["params"]
   assert nn.unbox(shapes)["schedule"]["log_w"].shape == (length,)
   assert "embed" in shapes and "blocks" in shapes          # the backbone's layout is unchanged
-  fixed = mv.attach(_dit(vocab, ell, codec.base), _sched("left_to_right"))
-  assert not isinstance(fixed, mv.ScheduledModel)         # nothing to learn, nothing added
+  fixed = attach_schedule(_dit(vocab, ell, codec.base), _sched("left_to_right"))
+  assert not isinstance(fixed, ScheduledModel)         # nothing to learn, nothing added
 
 
 def test_equal_exponents_equal_univariate_elbo():
@@ -79,8 +82,7 @@ def test_equal_exponents_equal_univariate_elbo():
   vocab, length = 30, 8
   cfg = losses.DiffusionLossConfig(t_min=1e-3)
   learned = _sched("learned_poly")
-  const = mv.MultivariateSchedule(name="const", family="poly", learned=True,
-                                  order_module=_ConstOrder(2.5))
+  const = LearnedPolySchedule(name="const", learned=True, order_module=_ConstOrder(2.5))
   # A constant free parameter is centred to log w = 0, i.e. w = 1.
   params = {"schedule": {"log_w": jnp.full((length,), 0.7)}}
   tokens = jax.random.randint(jax.random.key(2), (6, length), 0, vocab)
@@ -95,7 +97,7 @@ def test_equal_exponents_equal_univariate_elbo():
     def run(key):
       out = []
       for multi, uni in cases:
-        a = mv.diffusion_loss(apply_fn, params, tokens, key, codec=codec, schedule=multi,
+        a = losses.diffusion_loss(apply_fn, params, tokens, key, codec=codec, schedule=multi,
                               cfg=cfg, train=False)[0]
         b = losses.diffusion_loss(apply_fn, params, tokens, key, codec=codec, schedule=uni,
                                   cfg=cfg, train=False)[0]
@@ -121,7 +123,7 @@ def test_slot_schedule_tilt_zero_is_linear_and_rates_are_per_digit():
     apply_fn = _mixing_model(vocab, ell, codec.base)
     for seed in range(2):
       key = jax.random.key(seed)
-      a = mv.diffusion_loss(apply_fn, None, tokens, key, codec=codec, schedule=slot, cfg=cfg,
+      a = losses.diffusion_loss(apply_fn, None, tokens, key, codec=codec, schedule=slot, cfg=cfg,
                             train=False)[0]
       b = losses.diffusion_loss(apply_fn, None, tokens, key, codec=codec,
                                 schedule=_sched("linear"), cfg=cfg, train=False)[0]
@@ -137,7 +139,7 @@ def test_slot_schedule_tilt_zero_is_linear_and_rates_are_per_digit():
   np.testing.assert_allclose(np.asarray(slot.weight_ij(None, t, 4))[:, 0],
                              w[None] / np.asarray(t)[:, None], rtol=1e-5)
   digits = jnp.zeros((4000, 4, 3), jnp.int32)
-  noisy = mv._draw_masks(jax.random.key(3), digits, slot.mask_prob_ij(None, jnp.full((4000,), 0.5), 4),
+  noisy = losses.draw_masks(jax.random.key(3), digits, slot.mask_prob_ij(None, jnp.full((4000,), 0.5), 4),
                          codec.mask_id, None)
   freq = np.asarray(noisy == codec.mask_id).mean(axis=(0, 1))
   p = 0.5 ** w
@@ -145,7 +147,7 @@ def test_slot_schedule_tilt_zero_is_linear_and_rates_are_per_digit():
   with pytest.raises(ValueError, match="slot_tilt"):
     _sched("slot_poly", slot_tilt=float("nan"))
   with pytest.raises(ValueError, match="marginal"):
-    mv.diffusion_loss(_mixing_model(27, 3, 3), None, jnp.zeros((2, 4), jnp.int32),
+    losses.diffusion_loss(_mixing_model(27, 3, 3), None, jnp.zeros((2, 4), jnp.int32),
                       jax.random.key(0), codec=codec, schedule=slot,
                       cfg=losses.DiffusionLossConfig(form="joint"), train=False)
 
@@ -163,7 +165,7 @@ def test_slot_schedule_elbo_is_tight_for_the_exact_denoiser(ell, vocab, tilt):
   idx = np.random.default_rng(1).choice(len(probs), size=n, p=probs / probs.sum())
   tokens = jnp.asarray(seqs[idx])
   cfg = losses.DiffusionLossConfig(t_min=1e-3)
-  loss = jax.jit(lambda k: mv.diffusion_loss(apply_fn, None, tokens, k, codec=codec,
+  loss = jax.jit(lambda k: losses.diffusion_loss(apply_fn, None, tokens, k, codec=codec,
                                              schedule=slot, cfg=cfg, train=False)[0])(
                                                  jax.random.key(4))
   loss = np.asarray(loss, np.float64)
@@ -225,7 +227,7 @@ def _exact_elbo_at(params, ts, pats, nll, schedule, cfg):
   length = pats.shape[1]
   pm = schedule.mask_prob_i(params, tt, length)                           # [M, L]
   q = jnp.prod(jnp.where(pats[None], pm[:, None], 1.0 - pm[:, None]), -1)  # [M, P]
-  w = schedule.weight_i(params, tt, length) * (1.0 - cfg.t_min)           # [M, L]
+  w = schedule.weight_ij(params, tt, length)[..., 0] * (1.0 - cfg.t_min)  # [M, L]
   return jnp.mean(jnp.sum(q * jnp.einsum("ml,pl->mp", w, nll), -1))
 
 
@@ -241,7 +243,7 @@ def test_rloo_gradient_matches_finite_differences():
 
   def grad_of_chunk(key, num_masks):
     def total(th):
-      loss, _ = mv.diffusion_loss(apply_fn, {"schedule": {"log_w": th}}, toks, key, codec=codec,
+      loss, _ = losses.diffusion_loss(apply_fn, {"schedule": {"log_w": th}}, toks, key, codec=codec,
                                   schedule=schedule, cfg=cfg, train=True, t=t_rows,
                                   num_masks=num_masks)
       return jnp.mean(loss)
@@ -253,7 +255,8 @@ def test_rloo_gradient_matches_finite_differences():
   pats, nll = _pattern_nll(None, codec, apply_fn, tokens)
   exact = jax.jit(lambda th: _exact_elbo_at({"schedule": {"log_w": th}}, ts, pats, nll,
                                             schedule, cfg)
-                  + schedule.reconstruction({"schedule": {"log_w": th}}, cfg.t_min, 3, codec))
+                  + losses.reconstruction_bound(schedule, cfg.t_min, 3, codec,
+                                                {"schedule": {"log_w": th}}))
   h = 1e-2
   fd = np.array([(float(exact(theta.at[i].add(h))) - float(exact(theta.at[i].add(-h)))) / (2 * h)
                  for i in range(3)])
@@ -272,7 +275,7 @@ def test_left_to_right_elbo_approaches_ar_loss():
 
   The network is a causal model fed the sequence shifted right by one (first slot
   = the mask/BOS id), so its prediction at i depends on y_{<i} only.  Its AR
-  loss (``losses.ar_loss``) scores x_i given the clean prefix; under the
+  loss (``ar_lib.ar_loss``) scores x_i given the clean prefix; under the
   left-to-right order the ELBO scores x_i when exactly the prefix is visible.
   """
   vocab, length, reps = 11, 6, 1024
@@ -293,7 +296,7 @@ def test_left_to_right_elbo_approaches_ar_loss():
     return causal_apply(p, jnp.concatenate([first, digits[:, :-1]], axis=1), t)
 
   tokens = jax.random.randint(jax.random.key(4), (1, length), 0, vocab)
-  ar = float(losses.ar_loss(causal_apply, params, tokens, jax.random.key(0),
+  ar = float(ar_lib.ar_loss(causal_apply, params, tokens, jax.random.key(0),
                             bos_id=codec.mask_id, train=False)[0][0])
   # The exact ELBO: all 2^L masks enumerated at the midpoints of M cells of [0, 1]
   # (M a multiple of L, so at sharpness 1 every window is a union of cells and the
@@ -307,7 +310,7 @@ def test_left_to_right_elbo_approaches_ar_loss():
   for k in kappas:
     sch = _sched("left_to_right", sharpness=k)
     elbos.append(float(_exact_elbo_at(params, ts, pats, nll, sch, cfg))
-                 + float(sch.reconstruction(params, cfg.t_min, length, codec)))
+                 + float(losses.reconstruction_bound(sch, cfg.t_min, length, codec, params)))
   gaps = [e - ar for e in elbos]
   print("AR loss", ar, "exact ELBO by sharpness", dict(zip(kappas, elbos)))
   # Exactly the AR loss at sharpness 1 ...
@@ -318,7 +321,7 @@ def test_left_to_right_elbo_approaches_ar_loss():
   # The Monte Carlo training loss (t_min = 1e-3) estimates the same number.  Loose:
   # the estimator is heavy-tailed near each window's onset, like 1/t near t = 0.
   toks = jnp.broadcast_to(tokens, (reps, length))
-  est = np.asarray(jax.jit(lambda key: mv.diffusion_loss(
+  est = np.asarray(jax.jit(lambda key: losses.diffusion_loss(
       shifted_apply, params, toks, key, codec=codec, schedule=_sched("left_to_right"),
       cfg=losses.DiffusionLossConfig(t_min=1e-3), train=False)[0])(jax.random.key(0)))
   assert abs(est.mean() - elbos[-1]) < 4 * est.std() / np.sqrt(reps) + 0.05, (est.mean(), elbos)
@@ -368,7 +371,7 @@ def test_sampler_unmasks_in_the_schedule_order():
     f = counts.get(perm, 0) / n
     assert abs(f - p) < 4 * np.sqrt(p * (1 - p) / n) + 0.015, (perm, f, p)
   # The order summary agrees: position 0 (largest w) has the latest masking time.
-  summ = mv.order_summary(_sched("learned_poly"), params, 3)
+  summ = _sched("learned_poly").order_summary(params, 3)
   assert np.argmax(summ["mean_unmask_time"]) == 0 and np.argmin(summ["mean_decode_rank"]) == 0
 
 

@@ -1,11 +1,10 @@
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import prime
+from mdm_jax.diffusion import prime
 
 
 def _brute_base(v, ell):

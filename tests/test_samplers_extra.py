@@ -27,10 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import config_utils, sampling
-from mdm_jax.prime import PrimeCodec
+from mdm_jax.core.errors import ConfigError
+
+from mdm_jax.tasks import validate_config
+from mdm_jax import sampling
+from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.self_correction import remdm_alpha
-from mdm_jax.schedules import linear
+from mdm_jax.diffusion.schedules import linear
 from tests.test_sampling import (EPS, P_MIN, chi2_pvalue, dummy_apply_fn, joint_counts,
                                  oracle_apply_fn, random_apply_fn, random_joint, rkey)
 
@@ -353,7 +356,7 @@ def test_remdm_zero_sigma_is_ancestral(ell):
 class _PositionSchedule:
   """A stand-in per-position schedule (the interface ancestral_sample reads):
   alpha_i(t) = 1 - t**w_i, population alpha = 1 - t."""
-  multivariate = True
+  per_position = True
 
   def __init__(self, length):
     self.w = jnp.linspace(0.5, 2.0, length)
@@ -418,8 +421,8 @@ def test_remdm_keeps_mask_marginals(schedule, eta):
 def test_registry_and_options_passthrough():
   for name in NEW + ["ancestral", "confidence", "ar"]:
     assert name in sampling.SAMPLERS
-  from mdm_jax import sample as sample_lib
-  from configs.base import get_base_config
+  from mdm_jax.sampling import generate as sample_lib
+  from mdm_jax.configs.base import get_base_config
   sc = get_base_config().sampling
   opts = sample_lib.sampler_options(sampling.get_sampler("punt"), sc)
   assert set(opts) == {"punt_eps", "punt_max_candidates", "punt_divergence", "punt_confidence",
@@ -441,12 +444,12 @@ def test_registry_and_options_passthrough():
     ("block_len", -1, "block_len"),
 ])
 def test_config_validation(key, value, words):
-  from configs.base import get_base_config
+  from mdm_jax.configs.base import get_base_config
   c = get_base_config()
-  config_utils.validate_config(c)
+  validate_config(c)
   c.sampling[key] = value
-  with pytest.raises(config_utils.ConfigError, match=words.replace("(", r"\(")):
-    config_utils.validate_config(c)
+  with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+    validate_config(c)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -2,7 +2,7 @@
 
 Which statements are exactly true (and tested as such):
 * L = 1, exact posterior, carry-over: the ancestral sampler reproduces p(x)
-  exactly for any T and any ell (prime.md §5.1).
+  exactly for any T and any ell (docs/method/prime.md §5.1).
 * L = 2, ell = 1: the reveal times do not depend on the values, so the output
   law is exactly (1 - c) p + c p0 (x) p1, c = P(both tokens revealed in the
   same step) -- a closed form for any T.
@@ -21,9 +21,9 @@ import pytest
 from scipy import stats
 
 from mdm_jax import sampling
-from mdm_jax.prime import PrimeCodec
+from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling import filters
-from mdm_jax.schedules import linear
+from mdm_jax.diffusion.schedules import linear
 
 EPS = 1e-5
 P_MIN = 1e-3
@@ -523,7 +523,7 @@ def _random_apply(vocab, seed=0):
 @pytest.mark.parametrize("ell,conf", [(1, "prob"), (3, "margin"), (2, "neg_entropy")])
 def test_confidence_sampler_valid_and_keeps_prompt(ell, conf):
   from mdm_jax.sampling import confidence_sample
-  from mdm_jax.schedules import get_schedule
+  from mdm_jax.diffusion.schedules import get_schedule
   import ml_collections
   vocab, length = 20, 12
   codec = PrimeCodec.create(vocab, ell)
@@ -542,7 +542,7 @@ def test_confidence_sampler_valid_and_keeps_prompt(ell, conf):
 def test_confidence_sampler_reveals_most_confident_first():
   """With one step revealing half the tokens, the revealed ones are the confident ones."""
   from mdm_jax.sampling import confidence_sample
-  from mdm_jax.schedules import get_schedule
+  from mdm_jax.diffusion.schedules import get_schedule
   import ml_collections
   vocab, length = 10, 8
   codec = PrimeCodec.create(vocab, 1)

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mdm_jax import schedules
+from mdm_jax.diffusion import schedules
 
 NAMES = ["linear", "loglinear", "polynomial", "cosine", "geometric"]
 
@@ -63,7 +63,10 @@ def test_register_new_schedule_is_one_function():
   if name not in schedules.SCHEDULES:
     @schedules.SCHEDULES.register(name)
     def _quad(config=None):
-      return schedules.Schedule(name, alpha=lambda t: 1 - t ** 2, dalpha=lambda t: -2 * t,
-                                weight=lambda t: 2.0 / t)
-  s = _get(name)
-  assert float(s.mask_prob(jnp.float32(0.5))) == pytest.approx(0.25)
+      return schedules.UnivariateSchedule(name, alpha=lambda t: 1 - t ** 2,
+                                          dalpha=lambda t: -2 * t, weight=lambda t: 2.0 / t)
+  try:
+    s = _get(name)
+    assert float(s.mask_prob(jnp.float32(0.5))) == pytest.approx(0.25)
+  finally:
+    schedules.SCHEDULES.unregister(name)

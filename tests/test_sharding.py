@@ -1,15 +1,15 @@
 """One train step is the same on every mesh; parameters are sharded as the rules say."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
-from mdm_jax import sharding as shd
-from mdm_jax import train
-
-
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.trainers.steps import make_train_step
 def _config(mesh_shape, micro=1):
   c = get_base_config()
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.cond_dim = 2, 64, 4, 16
@@ -28,10 +28,10 @@ def _one_step(mesh_shape, micro=1):
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = shd.make_mesh(c.mesh, devices=devices)
   rules = shd.logical_rules(c.mesh)
-  task = train.build_task(c, vocab_size=40)
-  tx, _ = train.make_optimizer(c.training)
-  state, shardings = train.init_state(task, tx, mesh, rules, seed=0)
-  step = train.make_train_step(task, tx, c, mesh, rules, shardings)
+  task = build_task(c, vocab_size=40)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, seed=0)
+  step = make_train_step(task, tx, c, mesh, rules, shardings)
   tokens = np.random.default_rng(0).integers(0, 40, (8, 16)).astype(np.int32)
   with jax.set_mesh(mesh):
     batch = {"tokens": shd.global_batch(tokens, shd.batch_sharding(mesh))}

@@ -6,11 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
-from mdm_jax import checkpoint as ckpt_lib
-from mdm_jax import config_utils
+from mdm_jax.configs.base import get_base_config
+from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.core.config import to_dict
+from mdm_jax.core.errors import ConfigError
+from mdm_jax.tasks import validate_config
 from mdm_jax import data as data_lib
-from mdm_jax import prime
+from mdm_jax.diffusion import prime
 from mdm_jax.data import array_record as ar
 from mdm_jax.data import text as text_lib
 from mdm_jax.data import token_order
@@ -79,8 +81,8 @@ def test_random_order_is_a_seeded_permutation(corpus, tmp_path):
   assert sorted(a.tolist()) == list(range(300)) and not np.array_equal(a, np.arange(300))
   assert not np.array_equal(a, token_order.compute_order("random", None, 300, seed=5))
   work = str(tmp_path / "w")
-  one = data_lib.make_text_data(_text_cfg(corpus, token_order="random"), work)
-  two = data_lib.make_text_data(_text_cfg(corpus, token_order="random", shuffle_seed=1), work)
+  one = data_lib.build_data(_text_cfg(corpus, token_order="random"), work)
+  two = data_lib.build_data(_text_cfg(corpus, token_order="random", shuffle_seed=1), work)
   assert one.tokenizer.fingerprint() != two.tokenizer.fingerprint()   # the seed is in the key
   with pytest.raises(ValueError, match="data.token_order='nope'"):
     token_order.compute_order("nope", None, 10)
@@ -129,9 +131,9 @@ def corpus(tmp_path_factory):
 
 
 def test_make_text_data_renumbers_from_the_train_rows_and_caches(corpus, tmp_path, monkeypatch):
-  plain = data_lib.make_text_data(_text_cfg(corpus))
+  plain = data_lib.build_data(_text_cfg(corpus))
   work = str(tmp_path / "w")
-  data = data_lib.make_text_data(_text_cfg(corpus, token_order="context"), work)
+  data = data_lib.build_data(_text_cfg(corpus, token_order="context"), work)
   tok = data.tokenizer
   assert isinstance(tok, tokenizers_lib.ReorderedTokenizer)
   # Same text, new ids: the rows are the plain rows renumbered, and decode the same.
@@ -152,7 +154,7 @@ def test_make_text_data_renumbers_from_the_train_rows_and_caches(corpus, tmp_pat
   def boom(*a, **k):
     raise AssertionError("recomputed")
   monkeypatch.setattr(token_order, "context_order", boom)
-  again = data_lib.make_text_data(_text_cfg(corpus, token_order="context"), work)
+  again = data_lib.build_data(_text_cfg(corpus, token_order="context"), work)
   assert again.tokenizer.fingerprint() == tok.fingerprint()
   monkeypatch.undo()
   # A damaged cache is recomputed, not trusted.
@@ -160,23 +162,23 @@ def test_make_text_data_renumbers_from_the_train_rows_and_caches(corpus, tmp_pat
   saved["order"] = [0] * len(saved["order"])
   with open(cache, "w", encoding="utf-8") as f:
     json.dump(saved, f)
-  fixed = data_lib.make_text_data(_text_cfg(corpus, token_order="context"), work)
+  fixed = data_lib.build_data(_text_cfg(corpus, token_order="context"), work)
   assert fixed.tokenizer.fingerprint() == tok.fingerprint()
   with open(cache, "w", encoding="utf-8") as f:
     f.write("{not json")
-  assert data_lib.make_text_data(_text_cfg(corpus, token_order="context"),
+  assert data_lib.build_data(_text_cfg(corpus, token_order="context"),
                                  work).tokenizer.fingerprint() == tok.fingerprint()
 
 
 def test_token_order_config_errors():
   c = get_base_config()
   c.data.token_order = "frequency"
-  with pytest.raises(config_utils.ConfigError, match="data.token_order"):
-    config_utils.validate_config(c)
+  with pytest.raises(ConfigError, match="data.token_order"):
+    validate_config(c)
   c = get_base_config()
   c.data.dataset, c.data.token_order = "fashion_mnist", "context"
-  with pytest.raises(config_utils.ConfigError, match="token_order=id"):
-    config_utils.validate_config(c)
+  with pytest.raises(ConfigError, match="token_order=id"):
+    validate_config(c)
   with pytest.raises(ValueError, match="data.token_order='frequency'"):
     text_lib.apply_token_order(_text_cfg("x", token_order="frequency"),
                                tokenizers_lib.ByteTokenizer(), np.zeros((1, 4), np.int32),
@@ -184,7 +186,7 @@ def test_token_order_config_errors():
 
 
 def test_checkpoint_compatibility_sees_the_order():
-  base = config_utils.to_dict(get_base_config())
+  base = to_dict(get_base_config())
   old = json.loads(json.dumps(base))
   del old["data"]["token_order"]                 # a checkpoint from before the key existed
   assert ckpt_lib.config_mismatches(old, base) == {}
@@ -198,11 +200,11 @@ def test_array_record_prepare_keeps_the_order(corpus, tmp_path):
   out = str(tmp_path / "ds")
   ar.prepare(cfg, out, records_per_shard=50)
   read = _text_cfg(out, dataset="array_record", token_order="context")
-  data = data_lib.make_text_data(read)
-  direct = data_lib.make_text_data(cfg)
+  data = data_lib.build_data(read)
+  direct = data_lib.build_data(cfg)
   assert data.tokenizer.fingerprint() == direct.tokenizer.fingerprint()
   np.testing.assert_array_equal(data.read_rows("train", [0, 5]), direct.train[[0, 5]])
-  with pytest.raises(config_utils.ConfigError, match="token_order=context"):
-    data_lib.make_text_data(_text_cfg(out, dataset="array_record"))
+  with pytest.raises(ConfigError, match="token_order=context"):
+    data_lib.build_data(_text_cfg(out, dataset="array_record"))
   with pytest.raises(ar.PrepareError, match="token_order=id"):
     ar.prepare(cfg, str(tmp_path / "tf"), source="tfds:tiny_shakespeare")

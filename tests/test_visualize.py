@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdm_jax import sampling, visualize
+from mdm_jax import sampling
+
+from mdm_jax.pictures import masking as visualize
 from mdm_jax.data.images import dequantize, read_png, write_png
-from mdm_jax.prime import PrimeCodec
-from mdm_jax.schedules import linear
+from mdm_jax.diffusion.prime import PrimeCodec
+from mdm_jax.diffusion.schedules import linear
 
 # V = 16, ell = 2 -> b = 4, mask id 4.  Token 9 = digits (2, 1).
 CODEC = PrimeCodec.create(16, 2)

@@ -1,36 +1,31 @@
 """Seconds per train step of the three arms, interleaved in one process so that they share the
 same machine load: python docs/mc_dit/bench_steps.py [batch] [rounds] [steps_per_round]"""
-import importlib.util
 import json
-import os
 import sys
 import time
 
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-from mdm_jax import sharding as shd  # noqa: E402
-from mdm_jax import train  # noqa: E402
+from mdm_jax.configs import fashion_mnist_mcdit
+from mdm_jax.core import sharding as shd
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_state, make_optimizer
+from mdm_jax.trainers.steps import make_train_step
 
 batch, rounds, per = (int(a) for a in (sys.argv[1:] + ["32", "5", "5"][len(sys.argv) - 1:])[:3])
-spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs",
-                                                                 "fashion_mnist_mcdit.py"))
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
 rng = np.random.default_rng(0)
 steps = {}
 for arm in ("dit", "mdt", "mcdit"):
-  c = mod.get_config(f"arm={arm}")
+  c = fashion_mnist_mcdit.get_config(f"arm={arm}")
   c.training.batch_size = batch
   c.mesh.shape = (1, 1, 1)
-  task = train.build_task(c, 256)
+  task = build_task(c, 256)
   mesh = shd.make_mesh(c.mesh, devices=jax.devices()[:1])
   rules = shd.logical_rules(c.mesh)
-  tx, _ = train.make_optimizer(c.training)
-  state, sh = train.init_state(task, tx, mesh, rules, 0)
-  fn = train.make_train_step(task, tx, c, mesh, rules, sh)
+  tx, _ = make_optimizer(c.training)
+  state, sh = init_state(task, tx, mesh, rules, 0)
+  fn = make_train_step(task, tx, c, mesh, rules, sh)
   bs = shd.batch_sharding(mesh)
   b = {"tokens": shd.global_batch(rng.integers(0, 256, (batch, 784)).astype(np.int32), bs),
        "labels": shd.global_batch((np.arange(batch) % 10).astype(np.int32), bs)}

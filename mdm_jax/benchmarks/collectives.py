@@ -10,7 +10,7 @@ hardware assumptions (``--peak_tflops``, ``--ici_gbps``, ``--mfu``): compute tim
 time and their sum (no overlap) and max (perfect overlap).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-  python -m mdm_jax.benchmarks.collectives --config=configs/owt_prime.py \\
+  python -m mdm_jax.benchmarks.collectives --config=owt_prime \\
       --meshes=8,1,1:1,8,1:1,1,8:2,4,1 --per_device_batch=8 --out=BENCH_DIR/collectives.json
 
 The byte counts are exact for the compiled program on this backend; XLA on TPU may fuse
@@ -31,12 +31,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mdm_jax.benchmarks.flops import model_flops_per_token
+from mdm_jax.core import sharding as shd
+from mdm_jax.core.flags import flags_parser
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import make_optimizer, state_shardings
+from mdm_jax.trainers.steps import make_train_step
 
 def _define_flags():
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
   global _CONFIG, _MESHES, _VOCAB, _PER_DEVICE_BATCH, _SEQ_LEN, _PEAK, _ICI, _MFU, _CHIPS, _OUT
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Model/training config (e.g. "
-                                            "configs/owt_prime.py).", lock_config=False)
+                                            "owt_prime).", lock_config=False)
   _MESHES = flags.DEFINE_string("meshes", "8,1,1:1,8,1:1,1,8:2,4,1",
                                 "Colon-separated (data, fsdp, tensor) mesh shapes.")
   _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "Vocabulary size (no tokenizer is loaded).")
@@ -193,7 +198,6 @@ def link_bytes_at_scale(coll: Dict[str, Any], devices: int, chips: int) -> float
 def compile_step(config, mesh_shape: Tuple[int, int, int], vocab: int, per_device_batch: int,
                  seq_len: int):
   import jax  # pylint: disable=import-outside-toplevel
-  from mdm_jax import sharding as shd, train  # pylint: disable=import-outside-toplevel
   c = config.copy_and_resolve_references()
   c.mesh.shape = tuple(mesh_shape)
   if seq_len:
@@ -201,12 +205,12 @@ def compile_step(config, mesh_shape: Tuple[int, int, int], vocab: int, per_devic
   n = int(math.prod(mesh_shape))
   c.training.batch_size = per_device_batch * n
   c.training.num_microbatches = 1
-  task = train.build_task(c, vocab)
+  task = build_task(c, vocab)
   mesh = shd.make_mesh(c.mesh)
   rules = shd.logical_rules(c.mesh)
-  tx, _ = train.make_optimizer(c.training)
-  abstract, shardings = train.state_shardings(task, tx, mesh, rules)
-  step = train.make_train_step(task, tx, c, mesh, rules, shardings)
+  tx, _ = make_optimizer(c.training)
+  abstract, shardings = state_shardings(task, tx, mesh, rules)
+  step = make_train_step(task, tx, c, mesh, rules, shardings)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)
   batch = {"tokens": jax.ShapeDtypeStruct((c.training.batch_size, int(c.data.seq_len)),
@@ -277,7 +281,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required (e.g. configs/owt_prime.py).")
+    raise app.UsageError("--config is required (e.g. owt_prime).")
   try:
     meshes = [tuple(int(x) for x in m.split(",")) for m in _MESHES.value.split(":")]
   except ValueError:
@@ -295,6 +299,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
   app.run(main, flags_parser=flags_parser(
-      "python -m mdm_jax.benchmarks.collectives --config=configs/NAME.py [--config.KEY=VALUE ...]"))
+      "python -m mdm_jax.benchmarks.collectives --config=NAME [--config.KEY=VALUE ...]"))

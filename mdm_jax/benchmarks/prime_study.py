@@ -22,7 +22,7 @@ Arms: ``ar``, ``mdm`` (ℓ = 1), ``primeL`` (ℓ = L, trained on the valid margi
 and ``primeL-joint`` (trained on the published joint loss).  Example (the default
 Shakespeare set-up, minutes per arm on a GPU):
 
-  python -m mdm_jax.benchmarks.prime_study --config=configs/shakespeare_prime.py \\
+  python -m mdm_jax.benchmarks.prime_study --config=shakespeare_prime \\
       --out=docs/prime_study --arms=ar,mdm,prime2,prime2-joint,prime4,prime4-joint \\
       --seeds=0,1 --steps=4000 --eval_every=500 --sample_steps=128
 """
@@ -38,6 +38,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+import jax
+import numpy as np
+
+from mdm_jax.core.flags import flags_parser
+from mdm_jax.trainers.loop import train_and_evaluate
+from mdm_jax.trainers.setup import restore_for_inference
 
 def _define_flags():
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
@@ -187,14 +194,11 @@ def plot_curves(curves, path: str, x: str) -> Optional[str]:
 def sampling_side(base, arms, out: str, steps_list: List[int], num_samples: int,
                   steps: Optional[int]) -> Dict[str, Any]:
   """Ancestral samples of every diffusion arm (seed 0) scored by the AR arm (seed 0)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from mdm_jax import sample as sample_lib, train  # pylint: disable=import-outside-toplevel
   ar = [a for a in arms if a["objective"] == "ar"]
   if not ar:
     raise ValueError("--sample_steps needs the `ar` arm: it is the judge of sample quality.")
   ar_cfg = arm_config(base, ar[0], 0, steps)
-  judge_task, judge_state, *_ = train.restore_for_inference(ar_cfg, _run_dir(out, "ar", 0))
+  judge_task, judge_state, *_ = restore_for_inference(ar_cfg, _run_dir(out, "ar", 0))
   judge = jax.jit(lambda p, toks: judge_task.bound(p, toks, jax.random.key(0), 1))
   results: Dict[str, Any] = {}
   for arm in arms:
@@ -202,10 +206,10 @@ def sampling_side(base, arms, out: str, steps_list: List[int], num_samples: int,
       continue
     cfg = arm_config(base, arm, 0, steps)
     cfg.sampling.sampler = "ancestral"
-    task, state, mesh, rules, _, _ = train.restore_for_inference(cfg, _run_dir(out, arm["name"], 0))
+    task, state, mesh, rules, _, _ = restore_for_inference(cfg, _run_dir(out, arm["name"], 0))
     for t in steps_list:
-      res, stats = sample_lib.generate(task, state.ema_params, cfg, num_samples=num_samples,
-                                       num_steps=t, mesh=mesh, rules=rules)
+      res, stats = task.generate(state.ema_params, cfg, num_samples=num_samples, num_steps=t,
+                                 mesh=mesh, rules=rules)
       toks = np.asarray(res.tokens)
       nll = float(np.mean(np.asarray(judge(judge_state.ema_params, toks)))) / toks.shape[1]
       results.setdefault(arm["name"], {})[str(t)] = {**stats, "judge_nll": nll}
@@ -222,7 +226,6 @@ def _run_dir(out: str, arm: str, seed: int) -> str:
 def run_study(base, out: str, arm_names: List[str], seeds: List[int], steps: Optional[int] = None,
               eval_every: Optional[int] = None, sample_steps: Tuple[int, ...] = (),
               num_samples: int = 16) -> Dict[str, Any]:
-  from mdm_jax import train  # pylint: disable=import-outside-toplevel
   arms = [parse_arm(a) for a in arm_names]
   os.makedirs(out, exist_ok=True)
   curves: Dict[str, Dict[int, List[Dict[str, float]]]] = {}
@@ -233,7 +236,7 @@ def run_study(base, out: str, arm_names: List[str], seeds: List[int], steps: Opt
     cfg = arm_config(base, arm, seed, steps, eval_every)
     print(f"[study {i + 1}/{total}] {arm['name']} seed {seed} -> {wd} "
           f"(elapsed {time.time() - t_start:.0f} s)", flush=True)
-    train.train_and_evaluate(cfg, wd)
+    train_and_evaluate(cfg, wd)
     curves.setdefault(arm["name"], {})[seed] = read_curve(wd)
   rows = summarise(curves)
   sampling = (sampling_side(base, arms, out, list(sample_steps), num_samples, steps)
@@ -273,6 +276,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
   app.run(main, flags_parser=flags_parser(
-      "python -m mdm_jax.benchmarks.prime_study --config=configs/NAME.py --out=DIR [--config.KEY=VALUE ...]"))
+      "python -m mdm_jax.benchmarks.prime_study --config=NAME --out=DIR [--config.KEY=VALUE ...]"))

@@ -1,12 +1,12 @@
 """Sampler comparison table for a trained checkpoint: NFE, idle steps, speed, entropy.
 
-  python -m mdm_jax.benchmarks.sampler_table --config=configs/shakespeare_prime.py \
+  python -m mdm_jax.benchmarks.sampler_table --config=shakespeare_prime \
       --workdir=runs/prime_l2 [--samplers=ancestral,first_hitting,punt] [--steps=16,64,128] \
       [--num_samples=8] [--output=FILE.json] [--config.sampling.punt_eps=0.1 ...]
 
 Restores the checkpoint exactly as ``--mode=sample`` does (latest, or
 ``--config.checkpoint.restore=best``), then runs every sampler at every step
-count T through ``mdm_jax.sample.generate`` (same seed for all), prints a
+count T through ``Task.generate`` (same seed for all), prints a
 markdown table and writes the rows as JSON (default WORKDIR/sampler_table.json).
 
 Columns: T = sampling.num_steps (for first_hitting the event budget, for
@@ -15,10 +15,10 @@ idle = fraction of the T steps after which nothing changed (0 by construction
 for the samplers that reveal something at every step); tok/s = generated
 tokens per second of the compiled sampler (compile time excluded, reported
 separately in the JSON); entropy = mean per-sample unigram entropy (nats,
-algorithms.md §8.2).  Extra per-sampler numbers (adaptive "steps", corrector
+docs/method/algorithms.md §8.2).  Extra per-sampler numbers (adaptive "steps", corrector
 "remasked") are kept in the JSON.  With ``--config.sampling.scorer_workdir=AR_RUN``
 (text models) every row also gets the samples' generative perplexity under that AR
-run and the entropy of the scored tokens (``mdm_jax/eval_text.py``).
+run and the entropy of the scored tokens (``mdm_jax/metrics/gen_ppl.py``).
 """
 
 from __future__ import annotations
@@ -32,45 +32,53 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to the ml_collections config the checkpoint was trained with.",
-    lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoint.")
-_SAMPLERS = flags.DEFINE_list("samplers", [], "Samplers to compare (default: every registered "
-                              "sampler for the model's objective).")
-_STEPS = flags.DEFINE_list("steps", ["16", "64", "128"], "Step counts T.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Sequences per run (default: "
-                                    "sampling.num_samples).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON output (default WORKDIR/sampler_table.json).")
+from mdm_jax.core import distributed
+from mdm_jax.core.flags import flags_parser
+from mdm_jax.metrics.gen_ppl import score_texts
+from mdm_jax.sampling import SAMPLERS
+from mdm_jax.trainers.inference import scorer_from_config
+from mdm_jax.trainers.setup import restore_for_inference
+
+def _define_flags():
+  """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
+  global _CONFIG, _WORKDIR, _SAMPLERS, _STEPS, _NUM_SAMPLES, _OUTPUT
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "The config the checkpoint was trained with (name or path).",
+      lock_config=False)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoint.")
+  _SAMPLERS = flags.DEFINE_list("samplers", [], "Samplers to compare (default: every "
+                                "registered sampler for the model's objective).")
+  _STEPS = flags.DEFINE_list("steps", ["16", "64", "128"], "Step counts T.")
+  _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Sequences per run (default: "
+                                      "sampling.num_samples).")
+  _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default "
+                                "WORKDIR/sampler_table.json).")
+
 
 COLUMNS = ("sampler", "T", "NFE", "idle_fraction", "tokens_per_s", "sample_entropy")
 
 
 def default_samplers(objective: str) -> List[str]:
-  from mdm_jax import sampling  # pylint: disable=import-outside-toplevel
   if objective == "ar":
     return ["ar"]
-  return [n for n in sampling.SAMPLERS.names() if n != "ar"]
+  return [n for n in SAMPLERS.names() if n != "ar"]
 
 
 def run_table(config, workdir: str, samplers: Optional[Sequence[str]] = None,
               steps: Sequence[int] = (16, 64, 128),
               num_samples: Optional[int] = None) -> List[Dict[str, Any]]:
-  """One row per (sampler, T), from ``sample.generate`` on the restored checkpoint."""
-  from mdm_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
-  from mdm_jax import train  # pylint: disable=import-outside-toplevel
-  from mdm_jax import eval_text  # pylint: disable=import-outside-toplevel
-  task, state, mesh, rules, data, _ = train.restore_for_inference(config, workdir)
+  """One row per (sampler, T), from ``Task.generate`` on the restored checkpoint."""
+  task, state, mesh, rules, data, _ = restore_for_inference(config, workdir)
   params = state.ema_params if config.sampling.use_ema else state.params
-  scorer = eval_text.scorer_from_config(config)
+  scorer = scorer_from_config(config)
   samplers = list(samplers or default_samplers(task.objective))
   rows = []
   for name in samplers:
     for t in steps:
-      res, st = sample_lib.generate(task, params, config, num_steps=int(t), sampler=name,
-                                    num_samples=num_samples, mesh=mesh, rules=rules)
+      res, st = task.generate(params, config, num_steps=int(t), sampler=name,
+                              num_samples=num_samples, mesh=mesh, rules=rules)
       if scorer is not None:
-        scored = eval_text.score_texts(
+        scored = score_texts(
             scorer, [data.tokenizer.decode(r) for r in np.asarray(res.tokens)])
         st = {**st, "gen_ppl": scored["gen_ppl"], "gen_entropy": scored["entropy"]}
       row = {"sampler": name, "T": int(t), "NFE": st["nfe"],
@@ -109,7 +117,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
-  from mdm_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.maybe_initialize()
   import jax  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
@@ -124,6 +131,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
+  _define_flags()
   app.run(main, flags_parser=flags_parser(
-      "python -m mdm_jax.benchmarks.sampler_table --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...]"))
+      "python -m mdm_jax.benchmarks.sampler_table --config=NAME --workdir=DIR [--config.KEY=VALUE ...]"))

@@ -1,6 +1,6 @@
 """Training throughput: step time, tokens/s, model FLOPs utilisation and memory of the real step.
 
-Runs the trainer's own jitted step (``mdm_jax.train.make_train_step``: sharded state,
+Runs the trainer's own jitted step (``mdm_jax.trainers.steps.make_train_step``: sharded state,
 microbatching, EMA, optimizer) on synthetic tokens for each ``--ell`` and prints a table:
 
   step ms | tokens/s | model TFLOP/s | MFU vs the measured matmul ceiling | peak memory
@@ -12,10 +12,10 @@ the same process: a large matmul in ``--ceiling_dtype`` (bf16 by default) on one
 so MFU = achieved model FLOP/s per device / measured matmul FLOP/s.
 
   # the paper's text size on one GPU (DiT 12 x 768, seq 1024, GPT-2 vocabulary):
-  python -m mdm_jax.benchmarks.train_bench --config=configs/owt_prime.py --ells=1,2 \\
+  python -m mdm_jax.benchmarks.train_bench --config=owt_prime --ells=1,2 \\
       --batch_size=32 --out=bench/train.json
   # the default CPU job (regression guard for the 2-core box):
-  python -m mdm_jax.benchmarks.train_bench --config=configs/shakespeare_prime.py --ells=1,2 \\
+  python -m mdm_jax.benchmarks.train_bench --config=shakespeare_prime --ells=1,2 \\
       --vocab_size=1024 --ceiling_dtype=float32 --ceiling_size=1024
 
 Anything in the config can be overridden (``--config.model.remat=dots``,
@@ -34,6 +34,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mdm_jax.benchmarks.flops import model_flops_per_token
+from mdm_jax.core import sharding as shd
+from mdm_jax.core.flags import flags_parser
+from mdm_jax.tasks import build_task
+from mdm_jax.trainers.state import init_state, make_optimizer
+from mdm_jax.trainers.steps import make_train_step
 
 def _define_flags():
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
@@ -85,7 +90,6 @@ def _peak_memory() -> Dict[str, Any]:
 def bench_one(config, ell: str, vocab: int, batch: int, steps: int, warmup: int) -> Dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from mdm_jax import sharding as shd, train  # pylint: disable=import-outside-toplevel
   c = config.copy_and_resolve_references()
   if ell == "ar":
     c.objective, c.prime.ell = "ar", 1
@@ -93,12 +97,12 @@ def bench_one(config, ell: str, vocab: int, batch: int, steps: int, warmup: int)
     c.objective, c.prime.ell = "diffusion", int(ell)
   if batch:
     c.training.batch_size = int(batch)
-  task = train.build_task(c, vocab)
+  task = build_task(c, vocab)
   mesh = shd.make_mesh(c.mesh)
   rules = shd.logical_rules(c.mesh)
-  tx, _ = train.make_optimizer(c.training)
-  state, shardings = train.init_state(task, tx, mesh, rules, 0)
-  step = train.make_train_step(task, tx, c, mesh, rules, shardings)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, 0)
+  step = make_train_step(task, tx, c, mesh, rules, shardings)
   bsz, length = int(c.training.batch_size), int(c.data.seq_len)
   rng = np.random.default_rng(0)
   batch_sh = shd.batch_sharding(mesh)
@@ -181,6 +185,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  from mdm_jax.config_utils import flags_parser  # pylint: disable=import-outside-toplevel
   app.run(main, flags_parser=flags_parser(
-      "python -m mdm_jax.benchmarks.train_bench --config=configs/NAME.py [--config.KEY=VALUE ...]"))
+      "python -m mdm_jax.benchmarks.train_bench --config=NAME [--config.KEY=VALUE ...]"))

@@ -1,36 +1,34 @@
-"""Text data for mdm_jax: offline corpora, tokenizers, ArrayRecord shards and Grain pipelines."""
+"""Datasets: offline corpora, tokenizers, ArrayRecord shards, images, and the Grain pipelines.
 
-from mdm_jax.data.array_record import ArrayRecordData
-from mdm_jax.data.array_record import load_array_record_data
-from mdm_jax.data.array_record import prepare
-from mdm_jax.data.corpora import CORPORA
-from mdm_jax.data.corpora import load_corpus
-from mdm_jax.data.corpora import shakespeare_text
-from mdm_jax.data.corpora import text_files
-from mdm_jax.data.text import corpus_words
-from mdm_jax.data.text import corpus_bigrams
-from mdm_jax.data.text import known_bigram_rate
-from mdm_jax.data.text import known_word_rate
-from mdm_jax.data.text import make_text_data
-from mdm_jax.data.text import process_eval_batches
-from mdm_jax.data.text import process_train_batches
-from mdm_jax.data.text import split_and_pack
-from mdm_jax.data.text import TextData
-from mdm_jax.data.text import tokenize_corpus
-from mdm_jax.data.tokenizers import BPETokenizer
-from mdm_jax.data.tokenizers import build_tokenizer
-from mdm_jax.data.tokenizers import ByteTokenizer
-from mdm_jax.data.tokenizers import CharTokenizer
-from mdm_jax.data.tokenizers import GPT2Tokenizer
-from mdm_jax.data.tokenizers import load_tokenizer
-from mdm_jax.data.tokenizers import Tokenizer
-from mdm_jax.data.tokenizers import TOKENIZERS
+================  ==================================================================
+``base.py``       the ``Data`` interface, the ``DATASETS`` registry, ``build_data``
+``batching.py``   the per-process batching every dataset shares
+``text.py``       ``shakespeare``, ``text_files``: a corpus tokenised and packed in memory
+``array_record``  ``array_record``: packed shards written once by ``--mode=prepare``
+``images.py``     ``fashion_mnist``, ``image_folder``, ``tfds_images``: pixels as tokens
+``corpora.py``    the embedded Shakespeare plays and local text files
+``tokenizers.py`` char, byte, local BPE and GPT-2 tokenizers
+``token_order``   numbering the vocabulary by context (``data.token_order``)
+================  ==================================================================
+
+A new dataset is one file with a builder registered by ``@DATASETS.register(name)``.
+"""
+
+from mdm_jax.data.base import COMPAT_KEYS, DATASETS, Data, build_data
+from mdm_jax.data.batching import process_eval_batches, process_train_batches
+# The built-in datasets register themselves on import.
+from mdm_jax.data.text import TextData, make_text_data, split_and_pack, tokenize_corpus
+from mdm_jax.data.array_record import ArrayRecordData, load_array_record_data, prepare
+from mdm_jax.data.images import ImageData, make_image_data
+from mdm_jax.data.corpora import CORPORA, load_corpus, shakespeare_text, text_files
+from mdm_jax.data.tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, CharTokenizer,
+                                     GPT2Tokenizer, Tokenizer, build_tokenizer, load_tokenizer)
 
 __all__ = [
-    "ArrayRecordData", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA",
-    "GPT2Tokenizer", "TextData", "Tokenizer", "TOKENIZERS", "build_tokenizer", "corpus_words",
-    "corpus_bigrams", "known_bigram_rate", "known_word_rate",
-    "load_array_record_data", "load_corpus", "load_tokenizer", "make_text_data", "prepare",
-    "process_eval_batches", "process_train_batches", "shakespeare_text", "split_and_pack",
-    "text_files", "tokenize_corpus",
+    "COMPAT_KEYS", "DATASETS", "Data", "build_data", "ArrayRecordData", "ImageData", "TextData",
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA", "GPT2Tokenizer", "Tokenizer",
+    "TOKENIZERS", "build_tokenizer", "load_array_record_data", "load_corpus", "load_tokenizer",
+    "make_image_data", "make_text_data", "prepare", "process_eval_batches",
+    "process_train_batches", "shakespeare_text", "split_and_pack", "text_files",
+    "tokenize_corpus",
 ]

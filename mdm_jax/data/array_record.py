@@ -20,7 +20,7 @@ prepare never leaves a directory that looks complete.
 ``ArrayRecordData`` (``data.dataset = "array_record"``, ``data.path = OUT``)
 reads the shards through ``grain.sources.ArrayRecordDataSource`` and has the
 interface of ``text.TextData``: ``tokenizer``, ``train_dataset`` (the same
-ordering contract, see ``text.process_train_batches``) and ``eval_batches``.
+ordering contract, see ``batching.process_train_batches``) and ``eval_batches``.
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ from absl import logging
 import grain
 import numpy as np
 
-from mdm_jax.config_utils import ConfigError
+from mdm_jax.core.errors import ConfigError
 from mdm_jax.data import corpora
 from mdm_jax.data import text as text_lib
 from mdm_jax.data import token_order as token_order_lib
 from mdm_jax.data import tokenizers as tokenizers_lib
+from mdm_jax.data.base import DATASETS, Data
+from mdm_jax.data.batching import process_eval_batches, process_train_batches
 
 FORMAT = "mdm_jax.packed_tokens"
 FORMAT_VERSION = 1
@@ -614,7 +616,7 @@ def read_metadata(path: str) -> Dict[str, Any]:
   return meta
 
 
-class ArrayRecordData:
+class ArrayRecordData(Data):
   """Packed sequences read from the ArrayRecord shards written by ``prepare``.
 
   Same interface as ``text.TextData``.
@@ -706,7 +708,7 @@ class ArrayRecordData:
                     process_count: int = 1) -> grain.IterDataset:
     """Infinite stream of this process's training batches, reshuffled every epoch.
 
-    The ordering contract of ``text.process_train_batches``: global batch ``g``
+    The ordering contract of ``batching.process_train_batches``: global batch ``g``
     is rows ``[g*B, (g+1)*B)`` of one order that depends only on ``seed`` and the
     epoch; process ``p`` of ``P`` gets its ``p``-th contiguous slice of
     ``B / P`` rows. ``iter(ds)`` has ``get_state()`` / ``set_state()``.
@@ -715,7 +717,7 @@ class ArrayRecordData:
       A ``grain.IterDataset`` of ``{"tokens": int32 [global_batch_size //
       process_count, seq_len]}``.
     """
-    return text_lib.process_train_batches(
+    return process_train_batches(
         self._sources["train"], global_batch_size, seed, process_index, process_count,
         transform=functools.partial(_decode_example, seq_len=self.seq_len), seq_len=self.seq_len)
 
@@ -723,9 +725,9 @@ class ArrayRecordData:
                    process_count: int = 1) -> List[Dict[str, np.ndarray]]:
     """Fixed eval batches; process ``p`` gets the ``p``-th contiguous slice of each.
 
-    See ``text.process_eval_batches`` (padding rows have weight 0).
+    See ``batching.process_eval_batches`` (padding rows have weight 0).
     """
-    return text_lib.process_eval_batches(
+    return process_eval_batches(
         lambda idx: self.read_rows("eval", idx), self.num_eval, self.seq_len, batch_size,
         num_batches, process_index, process_count)
 
@@ -734,7 +736,8 @@ class ArrayRecordData:
             f"eval={self.num_eval}, tokenizer={self.tokenizer!r})")
 
 
-def load_array_record_data(data_config) -> ArrayRecordData:
+@DATASETS.register("array_record")
+def load_array_record_data(data_config, workdir: Optional[str] = None) -> ArrayRecordData:
   """``data.dataset == "array_record"``: opens ``data.path`` and checks it against the config.
 
   Raises:
@@ -742,6 +745,7 @@ def load_array_record_data(data_config) -> ArrayRecordData:
       ``data.tokenizer`` / ``data.bpe_vocab_size``.
     IncompleteDatasetError: ``data.path`` is missing, empty or incomplete.
   """
+  del workdir   # the shards hold the tokenizer
   path = str(data_config.path)
   if not path:
     raise ConfigError("data.dataset='array_record' needs --config.data.path=DIR, a directory "

@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import hashlib
 import os
 import struct
-import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from mdm_jax.data.base import DATASETS, Data
+from mdm_jax.data.batching import process_eval_batches, process_train_batches
+from mdm_jax.pictures.pixels import (  # noqa: F401 (re-exported)
+    check_levels, dequantize, encode_png, image_grid, quantize, read_png, write_png)
 
 IMAGE_DATASETS = ("fashion_mnist", "image_folder", "tfds_images")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -163,34 +168,6 @@ def load_image_folder(path: str, image_size: int = 0, channels: int = 3
   return np.stack(images), np.asarray(labels, np.int32), classes
 
 
-# ------------------------------------------------------------------ quantisation
-def quantize(x: np.ndarray, num_levels: int) -> np.ndarray:
-  """uint8 0..255 -> level ids 0..num_levels-1 (uniform bins of 256/num_levels values)."""
-  k = _check_levels(num_levels)
-  x = np.asarray(x)
-  if k == 256:
-    return x.astype(np.uint8)
-  return ((x.astype(np.int32) * k) >> 8).astype(np.uint8)
-
-
-def dequantize(q: np.ndarray, num_levels: int) -> np.ndarray:
-  """Level ids -> uint8 pixel values at the middle of each level's bin (exact for 256)."""
-  k = _check_levels(num_levels)
-  q = np.clip(np.asarray(q).astype(np.int64), 0, k - 1)
-  if k == 256:
-    return q.astype(np.uint8)
-  lo = -((-q * 256) // k)                   # ceil(q * 256 / k): first value in bin q
-  hi = -((-(q + 1) * 256) // k) - 1         # last value in bin q
-  return ((lo + hi) // 2).astype(np.uint8)
-
-
-def _check_levels(num_levels: int) -> int:
-  k = int(num_levels)
-  if not 2 <= k <= 256:
-    raise ValueError(f"data.num_levels must be in [2, 256], got {num_levels}.")
-  return k
-
-
 def images_to_tokens(images: np.ndarray, num_levels: int) -> np.ndarray:
   """uint8 [N, H, W, C] -> int32 [N, H*W*C] raster-order (channel-fastest) level ids."""
   images = np.asarray(images)
@@ -205,75 +182,6 @@ def tokens_to_images(tokens: np.ndarray, image_shape: Sequence[int],
   return dequantize(tokens.reshape(tokens.shape[:-1] + shape), num_levels)
 
 
-# ------------------------------------------------------------------ PNG output
-def encode_png(image: np.ndarray) -> bytes:
-  """uint8 [H, W] / [H, W, 1] / [H, W, 3] -> PNG bytes (stdlib zlib; no Pillow needed)."""
-  a = np.asarray(image, np.uint8)
-  if a.ndim == 3 and a.shape[2] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    color = 0
-  elif a.ndim == 3 and a.shape[2] == 3:
-    color = 2
-  else:
-    raise ValueError(f"encode_png takes [H, W], [H, W, 1] or [H, W, 3], got {a.shape}.")
-  h, w = a.shape[:2]
-  raw = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-  ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6))
-          + chunk(b"IEND", b""))
-
-
-def image_grid(images: np.ndarray, ncols: int = 0, pad: int = 1, scale: int = 1) -> np.ndarray:
-  """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
-  images = np.asarray(images, np.uint8)
-  n, h, w, c = images.shape
-  ncols = int(ncols) or int(np.ceil(np.sqrt(n)))
-  nrows = -(-n // ncols)
-  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-  for i in range(n):
-    r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-         pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
-  if scale > 1:
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
-  return grid
-
-
-def write_png(path: str, image: np.ndarray) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(encode_png(image))
-  return path
-
-
-def read_png(path: str) -> np.ndarray:
-  """Reads an 8-bit grey or RGB, non-interlaced PNG written by ``encode_png`` (filter 0 rows)."""
-  with open(path, "rb") as f:
-    b = f.read()
-  assert b[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-  i, idat, w, h, color = 8, b"", 0, 0, 0
-  while i < len(b):
-    n, kind = struct.unpack(">I4s", b[i:i + 8])
-    data = b[i + 8:i + 8 + n]
-    if kind == b"IHDR":
-      w, h, _, color = struct.unpack(">IIBB", data[:10])
-    elif kind == b"IDAT":
-      idat += data
-    i += 12 + n
-  c = 3 if color == 2 else 1
-  raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * c)
-  if raw[:, 0].any():
-    raise ValueError("read_png only reads unfiltered rows (as written by encode_png).")
-  return raw[:, 1:].reshape(h, w, c)
-
-
-# ------------------------------------------------------------------ tokenizer
 @dataclasses.dataclass(frozen=True)
 class ImageTokenizer:
   """Pixels <-> tokens: one token per pixel channel, ``num_levels`` values each."""
@@ -301,13 +209,15 @@ class ImageTokenizer:
     """int [H*W*C] -> uint8 [H, W, C] (or a batch [N, H*W*C] -> [N, H, W, C])."""
     return tokens_to_images(tokens, self.image_shape, self.num_levels)
 
-  def write_samples(self, tokens: np.ndarray, out_dir: str, step: int) -> Dict[str, Any]:
-    """Writes ``out_dir/step_N.png`` (a grid of the samples) and an .npy of the images."""
+  def write_samples(self, tokens: np.ndarray, out_dir: str, name) -> Dict[str, Any]:
+    """Writes ``out_dir/NAME.png`` (a grid of the samples) and an .npy of the images
+    (``name``: a file stem, or a step number for ``step_N``)."""
+    name = f"step_{name}" if isinstance(name, int) else str(name)
     images = self.decode(np.asarray(tokens))
     scale = max(1, 96 // max(self.image_shape[0], 1))
-    path = write_png(os.path.join(out_dir, f"step_{step}.png"),
+    path = write_png(os.path.join(out_dir, f"{name}.png"),
                      image_grid(images, scale=min(scale, 4)))
-    np.save(os.path.join(out_dir, f"step_{step}_images.npy"), images)
+    np.save(os.path.join(out_dir, f"{name}_images.npy"), images)
     return {"grid_png": path, "num_images": int(len(images)),
             "mean_pixel": float(images.mean())}
 
@@ -364,7 +274,7 @@ def _as_labelled_example(item) -> Dict[str, np.ndarray]:
 
 
 @dataclasses.dataclass
-class ImageData:
+class ImageData(Data):
   """Quantised images as token rows, with the interface of ``TextData``.
 
   Attributes:
@@ -395,7 +305,6 @@ class ImageData:
   def train_dataset(self, global_batch_size: int, seed: int, process_index: int = 0,
                     process_count: int = 1):
     """Infinite reshuffled training batches ``{"tokens": int32 [B/P, H*W*C]}`` (see TextData)."""
-    from mdm_jax.data.text import process_train_batches  # pylint: disable=import-outside-toplevel
     if self.with_labels and self.train_labels is not None:
       return process_train_batches(_RowsWithLabels(self.train, self.train_labels),
                                    global_batch_size, seed, process_index, process_count,
@@ -406,7 +315,6 @@ class ImageData:
   def eval_batches(self, batch_size: int, num_batches: int, process_index: int = 0,
                    process_count: int = 1) -> List[Dict[str, np.ndarray]]:
     """Fixed, padded, weighted eval batches (see TextData.eval_batches)."""
-    from mdm_jax.data.text import process_eval_batches  # pylint: disable=import-outside-toplevel
     batches = process_eval_batches(lambda idx: self._rows(self.eval, idx), len(self.eval),
                                    self.seq_len, batch_size, num_batches, process_index,
                                    process_count)
@@ -432,18 +340,30 @@ class ImageData:
     rows = self._rows(src, np.arange(offset, stop))
     return self.tokenizer.decode(rows)
 
+  # ---- samples: a PNG grid instead of text
+  def describe_samples(self, tokens):
+    del tokens
+    return [], {}
+
+  def write_samples(self, tokens, texts, stats, out_dir, name, header=""):
+    """Writes ``out_dir/name.png`` (a grid), ``name_images.npy`` and ``name.json``."""
+    del texts, header
+    os.makedirs(out_dir, exist_ok=True)
+    out = self.tokenizer.write_samples(np.asarray(tokens), out_dir, name)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+      json.dump({**stats, **out}, f, indent=2)
+    return {**out, "samples_json": path}
+
+  def show_samples(self, texts, stats, header):
+    del texts
+    return f"----- {stats.get('num_samples')} images at {header} -> {stats.get('grid_png')}"
+
   def labels(self, split: str = "eval", n: int = 0, offset: int = 0) -> Optional[np.ndarray]:
     lab = self.eval_labels if split == "eval" else self.train_labels
     if lab is None:
       return None
     return lab[offset:] if n <= 0 else lab[offset:offset + int(n)]
-
-
-def _cfg(data_config, key: str, default):
-  try:
-    return data_config[key] if key in data_config else default
-  except TypeError:
-    return getattr(data_config, key, default)
 
 
 def _hold_out(x, y, eval_fraction: float, seed: int):
@@ -460,6 +380,9 @@ def _limit(x, y, n: int):
   return (x, y) if n <= 0 else (x[:n], None if y is None else y[:n])
 
 
+@DATASETS.register("fashion_mnist")
+@DATASETS.register("image_folder")
+@DATASETS.register("tfds_images")
 def make_image_data(data_config, workdir: Optional[str] = None) -> ImageData:
   """Builds the ``ImageData`` named by ``data.dataset`` (see the module docstring).
 
@@ -471,28 +394,28 @@ def make_image_data(data_config, workdir: Optional[str] = None) -> ImageData:
   """
   del workdir
   kind = str(data_config.dataset)
-  levels = _check_levels(_cfg(data_config, "num_levels", 256))
-  max_train = int(_cfg(data_config, "max_train_examples", 0))
-  max_eval = int(_cfg(data_config, "max_eval_examples", 0))
+  levels = check_levels(data_config.num_levels)
+  max_train = int(data_config.max_train_examples)
+  max_eval = int(data_config.max_eval_examples)
   classes: Tuple[str, ...] = ()
   if kind == "fashion_mnist":
-    d = load_fashion_mnist(str(_cfg(data_config, "path", "")))
+    d = load_fashion_mnist(str(data_config.path))
     (xtr, ytr), (xev, yev) = d["train"], d["test"]
     xtr, ytr = _limit(xtr, ytr, max_train)
     xev, yev = _limit(xev, yev, max_eval)
     classes = FASHION_MNIST_CLASSES
   elif kind == "image_folder":
-    x, y, names = load_image_folder(str(_cfg(data_config, "path", "")),
-                                    int(_cfg(data_config, "image_size", 0)),
-                                    int(_cfg(data_config, "channels", 3)))
-    xtr, ytr, xev, yev = _hold_out(x, y, float(_cfg(data_config, "eval_fraction", 0.1)),
-                                   int(_cfg(data_config, "shuffle_seed", 0)))
+    x, y, names = load_image_folder(str(data_config.path),
+                                    int(data_config.image_size),
+                                    int(data_config.channels))
+    xtr, ytr, xev, yev = _hold_out(x, y, float(data_config.eval_fraction),
+                                   int(data_config.shuffle_seed))
     xtr, ytr = _limit(xtr, ytr, max_train)
     xev, yev = _limit(xev, yev, max_eval)
     classes = tuple(names)
   elif kind == "tfds_images":
     data = _make_tfds_data(data_config, levels, max_train, max_eval)
-    data.with_labels = bool(_cfg(data_config, "class_labels", False))
+    data.with_labels = bool(data_config.class_labels)
     return data
   else:
     raise ValueError(f"data.dataset={kind!r} is not an image dataset {IMAGE_DATASETS}.")
@@ -501,11 +424,11 @@ def make_image_data(data_config, workdir: Optional[str] = None) -> ImageData:
   to_rows = lambda a: np.ascontiguousarray(quantize(a, levels).reshape(len(a), -1))  # noqa: E731
   return ImageData(tokenizer=tok, train=to_rows(xtr), eval=to_rows(xev), train_labels=ytr,
                    eval_labels=yev, class_names=classes,
-                   with_labels=bool(_cfg(data_config, "class_labels", False)))
+                   with_labels=bool(data_config.class_labels))
 
 
 def _check_seq_len(data_config, tok: ImageTokenizer) -> None:
-  want = int(_cfg(data_config, "seq_len", tok.seq_len))
+  want = int(data_config.seq_len)
   if want != tok.seq_len:
     h, w, c = tok.image_shape
     raise ValueError(f"data.seq_len={want} does not match the images: {h}x{w}x{c} = "
@@ -513,7 +436,7 @@ def _check_seq_len(data_config, tok: ImageTokenizer) -> None:
 
 
 def _make_tfds_data(data_config, levels: int, max_train: int, max_eval: int) -> ImageData:
-  name = str(_cfg(data_config, "tfds_name", ""))
+  name = str(data_config.tfds_name)
   if not name:
     raise ValueError("data.dataset='tfds_images' needs --config.data.tfds_name (e.g. cifar10 or "
                      "downsampled_imagenet/32x32).")
@@ -523,9 +446,9 @@ def _make_tfds_data(data_config, levels: int, max_train: int, max_eval: int) -> 
     raise ImportError("data.dataset='tfds_images' needs tensorflow-datasets (and "
                       "importlib_resources): `.venv/bin/pip install tensorflow-datasets "
                       "importlib_resources`.") from e
-  data_dir = str(_cfg(data_config, "tfds_data_dir", "")) or None
-  splits = (str(_cfg(data_config, "tfds_train_split", "train")),
-            str(_cfg(data_config, "tfds_eval_split", "test")))
+  data_dir = str(data_config.tfds_data_dir) or None
+  splits = (str(data_config.tfds_train_split),
+            str(data_config.tfds_eval_split))
   srcs = []
   for split in splits:
     try:   # download=False: never fetch anything (offline this would hang ~200 s)

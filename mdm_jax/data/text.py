@@ -5,12 +5,10 @@ workdir), its tail is held out for evaluation, and both parts are packed into
 non-overlapping rows of ``seq_len`` tokens.  With ``data.token_order = "context"``
 (or "random") the vocabulary is then renumbered, from the training rows' neighbour
 statistics (``mdm_jax.data.token_order``; cached in the workdir too).  Training batches
-come from an
-infinite, per-epoch reshuffled Grain dataset whose iterator state is
-checkpointable; eval batches are a fixed, padded and weighted list.  How rows
-are ordered and split over processes (``process_train_batches``,
-``process_eval_batches``) is shared with the ArrayRecord pipeline
-(``mdm_jax.data.array_record``).
+come from an infinite, per-epoch reshuffled Grain dataset whose iterator state is
+checkpointable; eval batches are a fixed, padded and weighted list (``batching.py``,
+shared by every dataset).  Registered datasets: ``shakespeare`` (the embedded corpus)
+and ``text_files`` (``data.path``: files, globs, comma-separated).
 """
 
 import dataclasses
@@ -18,9 +16,8 @@ import hashlib
 import io
 import json
 import os
-import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from absl import logging
 import grain
@@ -29,6 +26,9 @@ import numpy as np
 from mdm_jax.data import corpora
 from mdm_jax.data import token_order as token_order_lib
 from mdm_jax.data import tokenizers as tokenizers_lib
+from mdm_jax.data.base import DATASETS, Data
+from mdm_jax.data.batching import as_example, process_eval_batches, process_train_batches
+from mdm_jax.metrics.text import corpus_vocabulary, known_bigram_rate, known_word_rate
 
 TOKENS_FILE = "tokens.npy"
 TOKENS_META_FILE = "tokens_meta.json"
@@ -228,185 +228,8 @@ def split_and_pack(tokens: np.ndarray, seq_len: int,
   return np.ascontiguousarray(train), np.ascontiguousarray(evals)
 
 
-def _as_example(row: np.ndarray) -> Dict[str, np.ndarray]:
-  return {"tokens": row}
-
-
-def _check_processes(batch_size: int, process_index: int, process_count: int,
-                     what: str) -> int:
-  """Validates the process layout; returns the per-process batch."""
-  if process_count < 1:
-    raise ValueError(f"process_count={process_count} must be >= 1.")
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"The {what} batch size {batch_size} must be a positive multiple of the "
-                     f"number of processes ({process_count}).")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-  return batch_size // process_count
-
-
-def process_train_batches(source: Any, global_batch_size: int, seed: int, process_index: int = 0,
-                          process_count: int = 1, *, transform: Callable[[Any], Any],
-                          seq_len: int, read_threads: int = 2) -> grain.IterDataset:
-  """This process's share of an infinite, per-epoch reshuffled stream of global batches.
-
-  The ordering contract (shared by every data pipeline of mdm_jax):
-
-  * all rows of ``source`` are shuffled with ``seed`` (a new order each epoch,
-    derived from ``seed`` and the epoch number only) and the epochs are
-    concatenated into one infinite stream of rows;
-  * global batch ``g`` is rows ``[g * B, (g + 1) * B)`` of that stream, so a
-    batch may span an epoch boundary;
-  * process ``p`` of ``P`` receives exactly the contiguous slice
-    ``[g * B + p * B / P, g * B + (p + 1) * B / P)`` of it.
-
-  So the order does not depend on the number of processes, and the processes'
-  batches concatenated in process order equal the one-process batch row for
-  row. The returned dataset's iterator has ``get_state()`` / ``set_state()``.
-
-  Args:
-    source: random-access rows (``len`` and ``__getitem__``): a numpy array or
-      a grain data source.
-    global_batch_size: ``B``, rows per step over all processes.
-    seed: shuffle seed, in ``[0, 2**32)``.
-    process_index: ``p``.
-    process_count: ``P``.
-    transform: maps one row of ``source`` to one example (a dict of arrays).
-    seq_len: tokens per row (only used in error messages).
-    read_threads: grain read threads.
-
-  Returns:
-    A ``grain.IterDataset`` of batched examples with ``B / P`` rows each.
-
-  Raises:
-    ValueError: the batch does not divide over processes or exceeds the rows.
-  """
-  global_batch_size, process_count = int(global_batch_size), int(process_count)
-  process_index = int(process_index)
-  local_batch = _check_processes(global_batch_size, process_index, process_count, "global")
-  num_rows = len(source)
-  if global_batch_size > num_rows:
-    raise ValueError(
-        f"The global batch of {global_batch_size} sequences is larger than the {num_rows} "
-        f"training sequences of length {seq_len}. Use a smaller training.batch_size or "
-        "data.seq_len, or a larger corpus.")
-  ds = grain.MapDataset.source(source).shuffle(seed=int(seed)).repeat(None).map(transform)
-  # Local batch k holds stream rows [k * B/P, (k + 1) * B/P); global batch g is
-  # local batches g*P .. g*P + P - 1, so process p takes every P-th one from p.
-  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
-                                              prefetch_buffer_size=4))
-
-
-def process_eval_batches(read_rows: Callable[[np.ndarray], np.ndarray], num_rows: int,
-                         seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
-                         process_count: int = 1) -> List[Dict[str, np.ndarray]]:
-  """A fixed, unshuffled list of this process's eval batches.
-
-  Global batch ``g`` holds eval rows ``[g * batch_size, (g + 1) * batch_size)``;
-  process ``p`` gets the ``p``-th contiguous slice of ``batch_size //
-  process_count`` rows. Rows past the end of the split are zeros with weight 0,
-  so every batch has the same shape and padding is excluded from metrics.
-
-  Args:
-    read_rows: sorted int64 row indices (all ``< num_rows``) -> int32
-      ``[len(indices), seq_len]`` rows.
-    num_rows: rows in the eval split.
-    seq_len: tokens per row.
-    batch_size: global eval batch size.
-    num_batches: number of batches; 0 (or more than available) = the whole split.
-    process_index: this process's index.
-    process_count: number of processes.
-
-  Returns:
-    A list of ``{"tokens": int32 [local, seq_len], "weights": float32 [local]}``;
-    every process gets the same number of batches.
-
-  Raises:
-    ValueError: empty eval split or a batch that does not divide over processes.
-  """
-  batch_size, process_count = int(batch_size), int(process_count)
-  if num_rows == 0:
-    raise ValueError("The eval split is empty: raise data.eval_fraction.")
-  local = _check_processes(batch_size, int(process_index), process_count, "eval")
-  available = -(-num_rows // batch_size)
-  n = available if num_batches <= 0 else min(int(num_batches), available)
-  batches = []
-  for g in range(n):
-    start = g * batch_size + int(process_index) * local
-    idx = np.arange(start, start + local)
-    real = idx < num_rows
-    tokens = np.zeros((local, seq_len), np.int32)
-    if real.any():
-      tokens[real] = read_rows(idx[real])
-    batches.append({"tokens": tokens, "weights": real.astype(np.float32)})
-  return batches
-
-
-WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
-
-
-def _line_words(text: str):
-  """Per line of a text, its lower-cased words (letters, inner apostrophes)."""
-  for line in text.splitlines():
-    yield [w.lower() for w in WORD_RE.findall(line)]
-
-
-def _pairs(words):
-  """Adjacent word pairs of one line, as "w1 w2"."""
-  return [f"{a} {b}" for a, b in zip(words, words[1:])]
-
-
-def corpus_words(text: str) -> frozenset:
-  """The set of lower-cased words (letters, inner apostrophes) of a text."""
-  return frozenset(w.lower() for w in WORD_RE.findall(text))
-
-
-def corpus_bigrams(text: str) -> frozenset:
-  """The set of adjacent word pairs within a line of a text (see ``known_bigram_rate``)."""
-  return frozenset(p for ws in _line_words(text) for p in _pairs(ws))
-
-
-def corpus_vocabulary(text: str) -> Tuple[frozenset, frozenset]:
-  """(``corpus_words``, ``corpus_bigrams``) of a text, in one pass over its lines."""
-  words, pairs = set(), set()
-  for ws in _line_words(text):
-    words.update(ws)
-    pairs.update(_pairs(ws))
-  return frozenset(words), frozenset(pairs)
-
-
-def _known_fraction(items, known) -> Tuple[float, int]:
-  """(fraction of ``items`` that are in ``known``, number of items); (0, 0) for none."""
-  if not items:
-    return 0.0, 0
-  return sum(i in known for i in items) / len(items), len(items)
-
-
-def known_bigram_rate(texts: Sequence[str], known_bigrams) -> Tuple[float, int]:
-  """(fraction of the texts' in-line word pairs that occur in ``known_bigrams``, number of pairs).
-
-  A coarse grammar measure next to ``known_word_rate``: corpus words strung together
-  at random ("thy the of to") rarely form pairs the corpus contains, while locally
-  grammatical text does.  Held-out Shakespeare scores about 0.65 against the pairs of
-  the training part (BENCHMARKS.md); like the word rate it is no likelihood.
-  """
-  return _known_fraction([p for t in texts for ws in _line_words(t) for p in _pairs(ws)],
-                         known_bigrams)
-
-
-def known_word_rate(texts: Sequence[str], known_words) -> Tuple[float, int]:
-  """(fraction of the texts' words that occur in ``known_words``, number of words).
-
-  A readability measure for samples: a model that has learnt to spell writes
-  corpus words; BPE soup ("Tathtain your rseit") does not.  Real held-out text
-  scores near 1; this is no likelihood and rewards nothing about grammar.
-  """
-  return _known_fraction([w.lower() for t in texts for w in WORD_RE.findall(t)], known_words)
-
-
 @dataclasses.dataclass
-class TextData:
+class TextData(Data):
   """A tokenised corpus split into packed train and eval rows.
 
   Attributes:
@@ -451,7 +274,7 @@ class TextData:
       ValueError: the batch does not divide over processes or exceeds the rows.
     """
     return process_train_batches(self.train, global_batch_size, seed, process_index,
-                                 process_count, transform=_as_example, seq_len=self.seq_len)
+                                 process_count, transform=as_example, seq_len=self.seq_len)
 
   def eval_batches(self, batch_size: int, num_batches: int, process_index: int = 0,
                    process_count: int = 1) -> List[Dict[str, np.ndarray]]:
@@ -480,28 +303,32 @@ class TextData:
                                 batch_size, num_batches, process_index, process_count)
 
 
-def make_text_data(data_config, workdir: Optional[str] = None):
-  """Corpus -> tokenizer -> token stream -> packed train/eval rows.
+  def describe_samples(self, tokens):
+    """The decoded texts and, where the corpus is at hand, their known-word and
+    known-word-pair rates (``mdm_jax.metrics.text``)."""
+    texts, stats = super().describe_samples(tokens)
+    if self.known_words:
+      stats["known_word_rate"], stats["num_words"] = known_word_rate(texts, self.known_words)
+    if self.known_bigrams:
+      stats["known_bigram_rate"], stats["num_bigrams"] = known_bigram_rate(texts,
+                                                                           self.known_bigrams)
+    return texts, stats
 
-  With ``data.dataset == "array_record"`` the rows are instead read from the
-  shards written by ``mdm_jax.data.array_record.prepare`` in ``data.path``
-  (an ``ArrayRecordData`` with the same interface; ``workdir`` is unused).
+
+@DATASETS.register("shakespeare")
+@DATASETS.register("text_files")
+def make_text_data(data_config, workdir: Optional[str] = None) -> TextData:
+  """Corpus -> tokenizer -> token stream -> packed train/eval rows.
 
   Args:
     data_config: the ``config.data`` block (dataset, path, tokenizer,
-      bpe_vocab_size, gpt2_bpe_path, seq_len, eval_fraction).
+      bpe_vocab_size, gpt2_bpe_path, seq_len, eval_fraction, token_order).
     workdir: where to cache the tokenizer and tokens (``workdir/tokenizer/``);
       None disables caching.
 
   Returns:
-    A ``TextData`` (or an ``ArrayRecordData``).
+    A ``TextData``.
   """
-  if str(data_config.dataset) == "array_record":
-    from mdm_jax.data import array_record  # pylint: disable=import-outside-toplevel
-    return array_record.load_array_record_data(data_config)
-  if str(data_config.dataset) in ("fashion_mnist", "image_folder", "tfds_images"):
-    from mdm_jax.data import images  # pylint: disable=import-outside-toplevel
-    return images.make_image_data(data_config, workdir)   # an ImageData, same interface
   text = corpora.load_corpus(data_config)
   tokens, tokenizer = _tokenize_text(data_config, text, workdir)
   train, evals = split_and_pack(tokens, int(data_config.seq_len), float(data_config.eval_fraction))

@@ -13,7 +13,7 @@ ids is a set of tokens used in similar contexts: speaker names, adjectives,
 word endings.  Then a partly observed token already tells its word class, and
 the per-digit embedding is a class embedding plus a refinement.  On the
 default Shakespeare job (Prime ell = 2, BPE-4096) this lowers the valid bound
-by about 0.2 nats/token at the same number of steps (BENCHMARKS.md).  For
+by about 0.2 nats/token at the same number of steps (docs/results/vocabulary_order.md).  For
 ell = 1 (plain MDM) and the AR baseline the numbering changes nothing but the
 random initialisation.
 
@@ -46,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mdm_jax import prime as prime_lib
+from mdm_jax.diffusion import prime as prime_lib
 
 TOKEN_ORDERS = ("id", "context", "random")
 _REFINE_STEPS = 10

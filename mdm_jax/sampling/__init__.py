@@ -1,48 +1,39 @@
-"""Samplers: a name -> function table, selected by ``config.sampling.sampler``.
+"""Samplers by name (``config.sampling.sampler``), and the code that runs them.
 
-Every sampler is ``fn(apply_fn, params, key, **static_kwargs) -> SampleResult``
-and is traceable, so a caller jits it with the keyword arguments closed over.
-To add one, write the function and register it::
+===================== ======================================================================
+``ancestral.py``      ``ancestral``: MDM / Prime ancestral sampling with caching
+``first_hitting.py``  ``first_hitting``: one reveal per event, exact event times
+``confidence.py``     ``confidence``: most-confident-first, semi-autoregressive blocks
+``punt.py``           ``punt``, ``eb``, ``fast_dllm``: adaptive parallel unmasking
+``self_correction``   ``maskgit``, ``self_correct``, ``remdm``: samplers that can re-mask
+``autoregressive.py`` ``ar``: left to right, for the AR baseline
+``filters.py``        temperature, top-k, top-p, float32-safe categorical draws
+``generate.py``       jit/compile/time a sampler and report NFE, tokens/s, entropy
+===================== ======================================================================
 
-    from mdm_jax.sampling import SAMPLERS
+Every sampler is ``fn(apply_fn, params, key, **static_kwargs) -> SampleResult`` and is
+traceable.  To add one, write the function in a file of its own and register it::
+
+    from mdm_jax.sampling.registry import SAMPLERS
 
     @SAMPLERS.register("my_sampler")
     def my_sampler(apply_fn, params, key, *, codec, schedule, ...): ...
 """
 
-from mdm_jax.registry import Registry
-
-SAMPLERS = Registry("sampler")
-
-from mdm_jax.sampling.filters import (  # noqa: E402
+from mdm_jax.sampling.registry import SAMPLERS, get_sampler
+from mdm_jax.sampling.filters import (
     NEG_INF, apply_filters, apply_temperature, sample_categorical, top_k_filter,
     top_p_filter)
-from mdm_jax.sampling.ancestral import (  # noqa: E402
+# The built-in samplers register themselves on import.
+from mdm_jax.sampling.ancestral import (
     SampleResult, ancestral_sample, expected_idle_fraction, expected_nfe, initial_digits,
     time_grid)
-from mdm_jax.sampling.autoregressive import ar_sample  # noqa: E402
-from mdm_jax.sampling.confidence import confidence_sample  # noqa: E402
-from mdm_jax.sampling.first_hitting import first_hitting_sample  # noqa: E402
-from mdm_jax.sampling.punt import eb_sample, fast_dllm_sample, punt_sample  # noqa: E402
-from mdm_jax.sampling.self_correction import (  # noqa: E402
-    maskgit_sample, remdm_sample, self_correct_sample)
-
-SAMPLERS.register("ancestral")(ancestral_sample)
-SAMPLERS.register("ar")(ar_sample)
-SAMPLERS.register("confidence")(confidence_sample)
-SAMPLERS.register("first_hitting")(first_hitting_sample)
-SAMPLERS.register("punt")(punt_sample)
-SAMPLERS.register("eb")(eb_sample)
-SAMPLERS.register("fast_dllm")(fast_dllm_sample)
-SAMPLERS.register("maskgit")(maskgit_sample)
-SAMPLERS.register("self_correct")(self_correct_sample)
-SAMPLERS.register("remdm")(remdm_sample)
-
-
-def get_sampler(name: str):
-  """The sampler function registered under ``name`` ("ancestral", "ar", ...)."""
-  return SAMPLERS.get(name)
-
+from mdm_jax.sampling.autoregressive import ar_sample
+from mdm_jax.sampling.confidence import confidence_sample
+from mdm_jax.sampling.first_hitting import first_hitting_sample
+from mdm_jax.sampling.punt import eb_sample, fast_dllm_sample, punt_sample
+from mdm_jax.sampling.self_correction import maskgit_sample, remdm_sample, self_correct_sample
+from mdm_jax.sampling.generate import SAMPLER_OPTIONS, run_sampler, sampler_options
 
 __all__ = [
     "SAMPLERS", "get_sampler", "SampleResult", "ancestral_sample", "ar_sample",
@@ -50,5 +41,5 @@ __all__ = [
     "fast_dllm_sample", "maskgit_sample", "self_correct_sample", "remdm_sample",
     "expected_idle_fraction", "expected_nfe", "initial_digits", "time_grid",
     "apply_filters", "apply_temperature", "top_k_filter", "top_p_filter",
-    "sample_categorical", "NEG_INF",
+    "sample_categorical", "NEG_INF", "SAMPLER_OPTIONS", "run_sampler", "sampler_options",
 ]

@@ -1,4 +1,4 @@
-"""The MDM / Prime ancestral sampler with caching (prime.md §5, algorithms.md §7.1).
+"""The MDM / Prime ancestral sampler with caching (docs/method/prime.md §5, docs/method/algorithms.md §7.1).
 
 State: digits y [B, L, ell] int32 in [0, b], b = codec.mask_id marks a masked
 digit (ell = 1 is plain MDM / MDLM).  Time grid t_k = 1 - k (1 - eps) / T,
@@ -19,7 +19,7 @@ k = 0..T.  One step from t = t_k to s = t_{k+1}:
 
 Steps 3 and 4 are the two-stage form: the unmask decision is never a joint
 (V+1)-way categorical over tokens and "stay masked", which in float32 would
-suppress rare tokens (algorithms.md §7.7).
+suppress rare tokens (docs/method/algorithms.md §7.7).
 
 After the last step every digit that is still masked is filled from one more
 draw at t_T ("noise removal"; one more NFE only if a call is needed).  It runs
@@ -47,10 +47,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.prime import PrimeCodec
+from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.common import model_logprobs
 from mdm_jax.sampling.filters import sample_categorical
+from mdm_jax.sampling.registry import SAMPLERS
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
@@ -82,7 +83,7 @@ class SampleResult:
 
 
 def expected_idle_fraction(num_elements: int, num_steps: int) -> float:
-  """(1 - 1/T)^N: the chance a step reveals none of N elements (prime.md §5.2).
+  """(1 - 1/T)^N: the chance a step reveals none of N elements (docs/method/prime.md §5.2).
 
   For a linear schedule on the uniform grid each element's reveal step is
   (up to eps) uniform over the T steps.  N = B * L * ell for the whole batch.
@@ -138,6 +139,7 @@ def initial_digits(codec: PrimeCodec, batch_size: int, seq_len: int,
   return jnp.where(prompt_mask[..., None], enc, masked).astype(jnp.int32)
 
 
+@SAMPLERS.register("ancestral")
 def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                      codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                      num_steps: int, carry_over: bool = True, temperature=1.0,
@@ -181,9 +183,9 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
   ts = time_grid(num_steps, eps)
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
   # A multivariate (per-position, e.g. learned-order) schedule: alpha_i(t) [L] from the params
-  # (mdm_jax/multivariate.py), so each position is revealed at its own rate.
+  # (mdm_jax/diffusion/schedules/), so each position is revealed at its own rate.
   position_alpha = (schedule.position_alpha_fn(params, seq_len)
-                    if getattr(schedule, "multivariate", False) else None)
+                    if schedule.per_position else None)
 
   def log_probs(digits, t, rng):
     return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,

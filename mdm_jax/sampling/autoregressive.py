@@ -15,10 +15,12 @@ import jax.numpy as jnp
 
 from mdm_jax.sampling.ancestral import SampleResult
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
+from mdm_jax.sampling.registry import SAMPLERS
 
 Array = jax.Array
 
 
+@SAMPLERS.register("ar")
 def ar_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, vocab_size: int,
               batch_size: int, seq_len: int, bos_id: int, temperature=1.0, top_k: int = 0,
               top_p=1.0, prompt: Optional[Array] = None, prompt_len: int = 0,

@@ -6,7 +6,7 @@
   look at it.
 * ``model_logprobs``: one network call -> (unfiltered, filtered) token
   log-probabilities, restricted by Prime's carry-over when asked.
-* ``token_confidence``: the per-token confidence scores of algorithms.md §7.3-7.5.
+* ``token_confidence``: the per-token confidence scores of docs/method/algorithms.md §7.3-7.5.
 * ``descending_ranks``: rank 0 = most confident, per row, ties by position;
   optionally by group (block) first.
 """
@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
+from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.filters import apply_filters
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.schedules import Schedule
 
 Array = jax.Array
 

@@ -34,13 +34,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
+from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
 from mdm_jax.sampling.common import CONFIDENCES, descending_ranks, token_confidence
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.schedules import Schedule
+from mdm_jax.sampling.registry import SAMPLERS
 
 
+@SAMPLERS.register("confidence")
 def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCodec,
                       schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
                       carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,

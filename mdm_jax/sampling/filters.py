@@ -13,7 +13,7 @@ a large temperature, which would otherwise bring -1e9 / tau back into range.
 
 ``sample_categorical`` draws with the high-dynamic-range Gumbel noise
 (``mode="high"``): the default float32 Gumbel is capped at ~15.9 and biases
-categories below ~1e-7 (algorithms.md §7.7); "high" pushes that to ~1e-14.
+categories below ~1e-7 (docs/method/algorithms.md §7.7); "high" pushes that to ~1e-14.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import NEG_INF
+from mdm_jax.diffusion.prime import NEG_INF
 
 Array = jax.Array
 

@@ -1,4 +1,4 @@
-"""First-hitting sampler (Zheng et al. 2024; algorithms.md §7.2), for MDM and Prime.
+"""First-hitting sampler (Zheng et al. 2024; docs/method/algorithms.md §7.2), for MDM and Prime.
 
 Elements are tokens for MDM (ell = 1) and digits for Prime (ell > 1): a
 sequence with n masked elements at "time" m = 1 - alpha(t) has, under the
@@ -49,15 +49,17 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.prime import PrimeCodec
+from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits
 from mdm_jax.sampling.common import descending_ranks, model_logprobs, time_for_mask_prob
 from mdm_jax.sampling.filters import sample_categorical
+from mdm_jax.sampling.registry import SAMPLERS
 
 Array = jax.Array
 
 
+@SAMPLERS.register("first_hitting")
 def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                          codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                          num_steps: int, carry_over: bool = True, temperature=1.0,

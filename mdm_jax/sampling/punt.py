@@ -1,6 +1,6 @@
-"""PUNT and its adaptive parallel-unmasking baselines (algorithms.md §3, §7.5).
+"""PUNT and its adaptive parallel-unmasking baselines (docs/method/algorithms.md §3, §7.5).
 
-NOTE: PUNT's paper body could not be read (algorithms.md §0, §10).  ``punt``
+NOTE: PUNT's paper body could not be read (docs/method/algorithms.md §0, §10).  ``punt``
 implements the *reconstruction* of §3.2 -- binary-rank conditional-
 independence tests -- which agrees with every verified fact (training-free,
 drops the lower-confidence member of dependent groups, O(log |M|) calls per
@@ -18,7 +18,7 @@ the revealed ones):
 3. x^_S is written; everything else stays masked.
 
 Rules (confidences, entropies and divergences use the *unfiltered* P_i, the
-convention of LLaDA / FreeCorrection, algorithms.md §7.6):
+convention of LLaDA / FreeCorrection, docs/method/algorithms.md §7.6):
 
 * ``punt`` (§3.2): the K most confident masked tokens are candidates C, ranked
   r = 0 (most confident) .. |C|-1.  For each bit b = B-1 .. 0,
@@ -72,12 +72,13 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.prime import PrimeCodec
+from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits
 from mdm_jax.sampling.common import (CONFIDENCES, descending_ranks, entropy, merge_tokens,
                                      model_logprobs, time_for_mask_prob, token_confidence)
 from mdm_jax.sampling.filters import sample_categorical
+from mdm_jax.sampling.registry import SAMPLERS
 
 Array = jax.Array
 
@@ -149,6 +150,7 @@ def _common_kwargs(codec, schedule, batch_size, seq_len, num_steps, carry_over, 
               top_p_rule=top_p_rule)
 
 
+@SAMPLERS.register("punt")
 def punt_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec: PrimeCodec,
                 schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
                 carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,
@@ -157,7 +159,7 @@ def punt_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, code
                 punt_eps: float = 0.05, punt_max_candidates: int = 0,
                 punt_divergence: str = "kl", punt_confidence: str = "max_prob",
                 punt_mode: str = "sequential", top_p_rule: str = "holtzman") -> SampleResult:
-  """PUNT (reconstructed, algorithms.md §3.2); see the module docstring.
+  """PUNT (reconstructed, docs/method/algorithms.md §3.2); see the module docstring.
 
   punt_eps: independence tolerance (nats for "kl"); inf = no test.
   punt_max_candidates: K, the candidate cap per step (0 = every masked token).
@@ -231,6 +233,7 @@ def punt_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, code
       prompt, prompt_mask, eps, top_p_rule))
 
 
+@SAMPLERS.register("eb")
 def eb_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec: PrimeCodec,
               schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
               carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,
@@ -256,6 +259,7 @@ def eb_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec:
       prompt, prompt_mask, eps, top_p_rule))
 
 
+@SAMPLERS.register("fast_dllm")
 def fast_dllm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                      codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                      num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,

@@ -1,4 +1,4 @@
-"""Samplers that can re-mask what they decoded: FreeCorrection and ReMDM (algorithms.md §4).
+"""Samplers that can re-mask what they decoded: FreeCorrection and ReMDM (docs/method/algorithms.md §4).
 
 Three registered samplers:
 
@@ -80,17 +80,17 @@ Prompt / infill positions are fixed and never re-masked by any of them.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mdm_jax.prime import PrimeCodec
-from mdm_jax.schedules import Schedule
+from mdm_jax.diffusion.prime import PrimeCodec
+from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, per_digit, time_grid
 from mdm_jax.sampling.common import descending_ranks, merge_tokens, model_logprobs
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
+from mdm_jax.sampling.registry import SAMPLERS
 
 Array = jax.Array
 
@@ -206,6 +206,7 @@ def _maskgit(apply_fn, params, key, *, codec: PrimeCodec, schedule: Schedule, ba
                       aux={"remasked": n_remasked} if correct else None)
 
 
+@SAMPLERS.register("maskgit")
 def maskgit_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                    codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                    num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,
@@ -223,6 +224,7 @@ def maskgit_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                   return_trajectory=return_trajectory)
 
 
+@SAMPLERS.register("self_correct")
 def self_correct_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                         codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                         num_steps: int, carry_over: bool = True, temperature=1.0,
@@ -260,6 +262,7 @@ def remdm_alpha(schedule: Schedule, remdm_schedule: str, t_on: float, t_off: flo
   return alpha
 
 
+@SAMPLERS.register("remdm")
 def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                  codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                  num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,
@@ -289,7 +292,7 @@ def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
   # A multivariate (per-position, e.g. learned-order) schedule: alpha_i(t) [L], exactly as
   # ancestral_sample uses it (sigma and sigma_max become per position).
   position_alpha = (schedule.position_alpha_fn(params, seq_len)
-                    if getattr(schedule, "multivariate", False) else None)
+                    if schedule.per_position else None)
   if position_alpha is not None and remdm_schedule == "loop":
     raise ValueError("remdm_schedule='loop' rescales a single alpha(t); it is not defined for "
                      "a per-position (multivariate) schedule. Use cap, rescale or conf.")

@@ -1,0 +1,339 @@
+"""The masked-diffusion ELBO over per-element hazards, Prime's two forms, and the bound.
+
+All objectives return a per-sequence loss in nats (summed over tokens, not
+averaged) so that a perplexity is ``exp(sum of losses / number of tokens)``
+over an evaluation set, always normalised by the number of *original* tokens
+(never by L * ell).
+
+Continuous-time masked-diffusion ELBO (MDLM / MD4 form), for per-element schedules
+alpha_ij (``mdm_jax.diffusion.schedules``; a univariate schedule is the broadcast case
+where every element has the same alpha):
+
+    NELBO(x) = int_0^1 E_{y_t ~ q(.|x)} [ sum_{masked ij} w_ij(t) * -log p(x_ij | y_t) ] dt,
+    w_ij(t) = -alpha_ij'(t) / (1 - alpha_ij(t)).
+
+We draw t ~ U[t_min, 1] (stratified over the batch), multiply by (1 - t_min)
+so the Monte Carlo estimate is unbiased for the integral over [t_min, 1], and
+add the exact cost of the interval [0, t_min] under a uniform decoder,
+sum_ij (1 - alpha_ij(t_min)) * log b, which keeps the reported value a
+*strict* upper bound on -log p(x) for any t_min.  With a time-agnostic network and a
+per-position schedule the bound equals the expected autoregressive loss over decoding
+orders (docs/method/algorithms.md §2.3).
+
+Prime (ell > 1) has two forms, chosen by ``prime.loss``:
+
+* ``marginal`` (default; the only one ever reported as a likelihood): every
+  masked digit j of token i is scored by its marginal under the token
+  distribution, -log sum_x p(x | y_t) 1[digit_j(x) = y0_ij].  This is the
+  MDM ELBO of the digit sequence, hence a valid bound (docs/method/prime.md §3.4).
+* ``joint`` (the published objective, kept for comparison): one
+  -log p(x0_i | y_t) per token with at least one masked digit.  It is NOT an
+  upper bound on the NLL when a token's digits are dependent (docs/method/prime.md §3.3);
+  the published perplexities that used it were withdrawn by their authors.
+
+Both reduce to the plain MDM ELBO when ell = 1 (tested).
+
+Learned schedules (``schedule.learned``): the mask pattern is discrete, so the gradient
+of E_z[f(z; w)] with respect to the schedule's parameters w has a score part,
+E[f d log q_w(z|t)/dw].  Training then draws ``schedule.num_masks`` = K >= 2 masks of the
+same sequence at the same t (one network call on a K-times larger batch) and adds the
+leave-one-out (RLOO) score term
+
+    S = sum_k sg(f_k - mean_{j != k} f_j) log q_w(z_k | t) / K
+
+with zero value (``S - sg(S)``), so the loss value stays the plain ELBO estimate and its
+gradient is unbiased for both the network and w (GenMD4's estimator with per-position
+exponents; docs/method/algorithms.md §2.5).  Evaluation uses one mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from mdm_jax.diffusion import prime as prime_lib
+from mdm_jax.diffusion.schedules import Schedule
+
+Array = jax.Array
+# apply_fn(params, inputs [B, L, ell] int, t [B] f32, *, train: bool, rng) -> logits [B, L, V]
+ApplyFn = Callable[..., Array]
+
+LOSS_FORMS = ("marginal", "joint")
+WEIGHTINGS = ("elbo", "flat")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionLossConfig:
+  """Static settings of the diffusion objective."""
+  form: str = "marginal"          # marginal | joint
+  carry_over: bool = True
+  t_min: float = 1e-3
+  antithetic: bool = True
+  weighting: str = "elbo"         # elbo | flat (training only; evaluation is always elbo)
+  chunk_point: float = 1.0        # grouped noise (Prime v2): for t > chunk_point a token's
+                                  # digits are masked together; 1 = independent (Prime)
+
+  def __post_init__(self):
+    if self.weighting not in WEIGHTINGS:
+      raise ValueError(f"training.loss_weighting must be one of {WEIGHTINGS}, "
+                       f"got {self.weighting!r}.")
+    if self.form not in LOSS_FORMS:
+      raise ValueError(f"prime.loss must be one of {LOSS_FORMS}, got {self.form!r}.")
+    if not 0.0 <= self.chunk_point <= 1.0:
+      raise ValueError(f"prime.chunk_point must be in [0, 1], got {self.chunk_point}.")
+    if not 0.0 < self.t_min < 1.0:
+      raise ValueError(f"training.t_min must be in (0, 1), got {self.t_min}.")
+
+
+def sample_times(key: Array, batch: int, t_min: float, antithetic: bool = True,
+                 offset: int = 0, num_strata: Optional[int] = None) -> Array:
+  """t in [t_min, 1], shape [batch], f32.
+
+  Stratified ("antithetic" in MDLM/MD4) sampling: one shared u ~ U(0,1) and
+  t_k = ((u + offset + k) / num_strata) mod 1 for k < batch, so the batch
+  (or several calls with different offsets) covers [0, 1) evenly.
+  """
+  if antithetic:
+    n = num_strata or batch
+    u = jax.random.uniform(key, (), jnp.float32)
+    r = jnp.mod((u + offset + jnp.arange(batch, dtype=jnp.float32)) / n, 1.0)
+  else:
+    r = jax.random.uniform(key, (batch,), jnp.float32)
+  return t_min + (1.0 - t_min) * r
+
+
+# ----------------------------------------------------------------- per-token NLL
+def mdm_token_nll(logits: Array, noisy_tokens: Array, tokens: Array,
+                  mask_id: int) -> Array:
+  """Reference MDLM "SUBS" cross-entropy: -log softmax(logits)[x] on masked tokens.
+
+  Args: logits [B, L, V]; noisy_tokens, tokens [B, L].  Returns f32 [B, L].
+  """
+  chex.assert_equal_shape([noisy_tokens, tokens])
+  chex.assert_rank(logits, 3)
+  logits = logits.astype(jnp.float32)
+  lse = jax.scipy.special.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return jnp.where(noisy_tokens == mask_id, lse - picked, 0.0)
+
+
+def digit_marginal_nll(logits: Array, noisy_digits: Optional[Array], digits: Array,
+                       codec: prime_lib.PrimeCodec) -> Array:
+  """-log p(c_j = d_j | y_t) for every slot j: f32 [B, L, ell].
+
+  p(code | y_t) is the softmax of the code logits x (restricted to the codes
+  consistent with the observed digits when ``noisy_digits`` is given), so the
+  slot-j marginal of the true digit is lse(x with slot j fixed to d_j) - lse(x).
+  Fixing a slot is a gather of b**(ell-1) logits; nothing of size [B, L, V] is
+  normalised or materialised besides the one logsumexp, which makes this a few
+  passes over the logits cheaper (forward and backward) than normalising the code
+  distribution and summing out every marginal (``codec.digit_log_marginals``).
+  """
+  x = codec.code_logits(logits.astype(jnp.float32))
+  lead = x.shape[:-1]
+  ell, base = codec.ell, codec.base
+  x = x.reshape(lead + (base,) * ell)
+  if noisy_digits is not None:
+    bias = codec.slot_bias(noisy_digits)                    # [B, L, ell, b]
+    for j in range(ell):
+      shape = lead + tuple(base if k == j else 1 for k in range(ell))
+      x = x + bias[..., j, :].reshape(shape)
+  axes = tuple(range(len(lead), len(lead) + ell))
+  lse_all = jax.scipy.special.logsumexp(x, axis=axes)       # [B, L]
+  out = []
+  for j in range(ell):
+    shape = lead + tuple(1 if k == j else base for k in range(ell))
+    idx = jnp.broadcast_to(
+        digits[..., j].reshape(lead + (1,) * ell).astype(jnp.int32), shape)
+    fixed = jnp.take_along_axis(x, idx, axis=len(lead) + j)
+    out.append(lse_all - jax.scipy.special.logsumexp(fixed, axis=axes))
+  return jnp.stack(out, axis=-1)
+
+
+def prime_token_nll(logits: Array, noisy_digits: Array, digits: Array,
+                    codec: prime_lib.PrimeCodec, form: str = "marginal",
+                    carry_over: bool = True) -> Array:
+  """Per-token Prime loss [B, L] (f32).
+
+  Args:
+    logits: [B, L, V] token logits.
+    noisy_digits: int [B, L, ell] with codec.mask_id at masked digits.
+    digits: int [B, L, ell] clean digits.
+    codec: the Prime codec.
+    form: "marginal" (valid bound) or "joint" (published, not a bound).
+    carry_over: restrict p(x|y_t) to tokens consistent with observed digits.
+  """
+  b, l = logits.shape[:2]
+  chex.assert_shape([noisy_digits, digits], (b, l, codec.ell))
+  masked = noisy_digits == codec.mask_id                    # [B, L, ell]
+  if form == "marginal":
+    nll = digit_marginal_nll(logits, noisy_digits if carry_over else None, digits, codec)
+    return jnp.sum(jnp.where(masked, nll, 0.0), axis=-1)
+  logp = codec.restricted_code_logprobs(
+      logits, noisy_digits if carry_over else None)        # [B, L, b, ..., b]
+  if form == "joint":
+    flat = logp.reshape((b, l, codec.num_codes))
+    code = codec.digits_to_code(digits)
+    picked = jnp.take_along_axis(flat, code[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.any(masked, axis=-1), -picked, 0.0)
+  raise ValueError(f"Unknown Prime loss form {form!r}; valid: {LOSS_FORMS}.")
+
+
+# ----------------------------------------------------------------- sequence losses
+def draw_masks(key: Array, digits: Array, p_mask: Array, mask_id: int,
+               row_ids: Optional[Array] = None, grouped: Optional[Array] = None) -> Array:
+  """Noisy digits [B, L, ell] with mask probabilities ``p_mask`` [B, L|1, S|1].
+
+  With ``row_ids`` each row's mask is drawn from fold_in(key, row_id), so the result
+  does not depend on how a global batch is cut into microbatches or shards.
+  ``grouped`` (bool [B]) masks a token's digits all together (grouped noise).
+  """
+  if row_ids is None:
+    return prime_lib.mask_digits(key, digits, p_mask, mask_id, grouped)
+  g = jnp.zeros((digits.shape[0],), bool) if grouped is None else grouped
+  return jax.vmap(lambda r, d, q, gr: prime_lib.mask_digits(
+      jax.random.fold_in(key, r), d[None], q[None], mask_id,
+      None if grouped is None else gr[None])[0])(row_ids, digits, p_mask, g)
+
+
+def reconstruction_bound(schedule: Schedule, t_min: float, length: int,
+                         codec: prime_lib.PrimeCodec, params: Any = None) -> Array:
+  """Exact cost of [0, t_min] when the digits still masked at t_min are filled
+  uniformly: E[#masked digits] * log b.  Tiny (t_min = 1e-3) but keeps the bound strict."""
+  p = schedule.mask_prob_ij(params, jnp.full((1,), t_min, jnp.float32), length)   # [1, L|1, S|1]
+  return (jnp.sum(p) * (length // p.shape[1]) * (codec.ell // p.shape[2])
+          * math.log(codec.base))
+
+
+def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                   codec: prime_lib.PrimeCodec, schedule: Schedule,
+                   cfg: DiffusionLossConfig, train: bool = True,
+                   t: Optional[Array] = None, row_ids: Optional[Array] = None,
+                   num_masks: Optional[int] = None) -> Tuple[Array, Dict[str, Array]]:
+  """Monte Carlo NELBO (or the joint objective) per sequence, in nats.
+
+  Args:
+    apply_fn: the network.
+    params: its parameters (a learned schedule's under ``params["schedule"]``).
+    tokens: int [B, L] clean tokens.
+    key: PRNG key (time, mask and dropout randomness all derive from it).
+    codec, schedule, cfg: see module docstring.
+    train: enables dropout (and, for a learned schedule, K = ``schedule.num_masks`` masks).
+    t: optional [B] times to use instead of sampling them.
+    row_ids: optional int [B] global row indices; when given, each sequence's
+      mask is drawn from fold_in(key, row_id), so the result does not depend
+      on how a global batch is cut into microbatches or shards.
+    num_masks: masks per sequence (default: ``schedule.num_masks`` when training a
+      learned schedule, else 1).
+  Returns:
+    (loss [B] f32, metrics) where loss includes the [0, t_min] term.
+  """
+  chex.assert_rank(tokens, 2)
+  schedule.check(cfg, codec)
+  bsz, length = tokens.shape
+  k_t, k_m, k_net = jax.random.split(key, 3)
+  if t is None:
+    t = sample_times(k_t, bsz, cfg.t_min, cfg.antithetic)
+  if num_masks is None:
+    num_masks = schedule.num_masks if (train and schedule.learned) else 1
+  digits = codec.encode(tokens)
+  grouped = (t > cfg.chunk_point) if cfg.chunk_point < 1.0 and codec.ell > 1 else None
+  p_mask = jax.lax.stop_gradient(schedule.mask_prob_ij(params, t, length))   # [B, L|1, S|1]
+  keys = [k_m] + [jax.random.fold_in(k_m, j) for j in range(1, num_masks)]
+  noisy = jnp.concatenate([draw_masks(k, digits, p_mask, codec.mask_id, row_ids, grouped)
+                           for k in keys], axis=0)                      # [K B, L, ell]
+  if row_ids is not None:
+    k_net = jax.random.fold_in(k_net, row_ids[0])   # dropout differs per microbatch
+  tt = jnp.tile(t, num_masks) if num_masks > 1 else t
+  logits = apply_fn(params, noisy, tt, train=train, rng=k_net)
+  chex.assert_shape(logits, (num_masks * bsz, length, codec.vocab_size))
+  clean = jnp.tile(digits, (num_masks, 1, 1)) if num_masks > 1 else digits
+  masked = noisy == codec.mask_id
+  if cfg.weighting == "flat":
+    # Mean cross-entropy over the partly masked tokens, scaled to a sequence:
+    # not a bound, but free of the 1/t weight's spikes at small batch sizes.
+    nll = prime_token_nll(logits, noisy, clean, codec, cfg.form, cfg.carry_over)
+    n = jnp.sum(jnp.any(masked, axis=-1), axis=-1).astype(jnp.float32)
+    f = (jnp.sum(nll, axis=-1) * length / jnp.maximum(n, 1.0)).reshape(num_masks, bsz)
+    loss = jnp.mean(f, axis=0)
+  else:
+    weight = schedule.weight_ij(params, t, length) * (1.0 - cfg.t_min)  # [B, L|1, S|1]
+    tile = lambda w: jnp.tile(w, (num_masks,) + (1,) * (w.ndim - 1)) if num_masks > 1 else w
+    if weight.shape[2] > 1 and codec.ell > 1:     # a weight per digit: each masked digit alone
+      nll = digit_marginal_nll(logits, noisy if cfg.carry_over else None, clean, codec)
+      nll = jnp.where(masked, nll, 0.0)                                 # [K B, L, ell]
+      f = jnp.sum(tile(jnp.broadcast_to(weight, (bsz, length, codec.ell))) * nll, axis=(1, 2))
+    else:
+      nll = prime_token_nll(logits, noisy, clean, codec, cfg.form, cfg.carry_over)   # [K B, L]
+      if weight.shape[1] == 1:                    # univariate: one weight per sequence
+        f = tile(weight[:, 0, 0]) * jnp.sum(nll, axis=-1)
+      else:
+        f = jnp.sum(tile(weight[..., 0]) * nll, axis=-1)
+    f = f.reshape(num_masks, bsz)
+    loss = (f[0] if num_masks == 1 else jnp.mean(f, axis=0)) + reconstruction_bound(
+        schedule, cfg.t_min, length, codec, params)
+  if num_masks >= 2 and schedule.learned:        # RLOO score term, zero value
+    log_q = schedule.log_q(params, tt, masked).reshape(num_masks, bsz)
+    fs = jax.lax.stop_gradient(f)
+    loo = (jnp.sum(fs, axis=0, keepdims=True) - fs) / (num_masks - 1)
+    score = jnp.sum((fs - loo) * log_q, axis=0) / num_masks
+    loss = loss + (score - jax.lax.stop_gradient(score))
+  m0 = masked[:bsz]
+  metrics = {
+      "masked_fraction": jnp.mean(m0.astype(jnp.float32)),
+      "partial_fraction": jnp.mean(
+          (jnp.any(m0, -1) & jnp.any(~m0, -1)).astype(jnp.float32)),
+      **schedule.train_metrics(params, length),
+  }
+  return loss, metrics
+
+
+def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                       schedule: Schedule, vocab_size: int, t_min: float = 1e-3,
+                       antithetic: bool = True, train: bool = False) -> Array:
+  """The plain MDM (MDLM/MD4) ELBO, written independently of the Prime code.
+
+  Uses the same key splits as ``diffusion_loss`` so both see the same times and
+  masks; ``diffusion_loss`` with ell = 1 must match it exactly (tested).
+  """
+  bsz, length = tokens.shape
+  k_t, k_m, k_net = jax.random.split(key, 3)
+  t = sample_times(k_t, bsz, t_min, antithetic)
+  u = jax.random.uniform(k_m, tokens.shape + (1,), jnp.float32)[..., 0]
+  noisy = jnp.where(u < schedule.mask_prob(t)[:, None], vocab_size, tokens)
+  logits = apply_fn(params, noisy[..., None], t, train=train, rng=k_net)
+  nll = mdm_token_nll(logits, noisy, tokens, vocab_size)
+  recon = schedule.mask_prob(jnp.float32(t_min)) * length * math.log(vocab_size)
+  return schedule.weight(t) * (1.0 - t_min) * jnp.sum(nll, -1) + recon
+
+
+def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+                    codec: prime_lib.PrimeCodec, schedule: Schedule,
+                    cfg: DiffusionLossConfig, num_time_samples: int = 1) -> Array:
+  """Evaluation: the NELBO per sequence averaged over K stratified times.
+
+  The K * B times jointly cover [t_min, 1] in K * B strata (one shared
+  uniform offset), with one network call (one mask) per k.  Always evaluates the
+  *marginal* (valid) bound with independent digit masking, whatever form or
+  grouped noise (``chunk_point``) was used for training; a valid bound for every
+  schedule and every value of its parameters.
+  """
+  bound_cfg = dataclasses.replace(cfg, form="marginal", weighting="elbo", chunk_point=1.0)
+  bsz = tokens.shape[0]
+  k_u, k_rest = jax.random.split(key)
+  keys = jax.random.split(k_rest, num_time_samples)
+
+  def one(k, carry):
+    t = sample_times(k_u, bsz, cfg.t_min, True, offset=k * bsz,
+                     num_strata=bsz * num_time_samples)
+    loss, _ = diffusion_loss(apply_fn, params, tokens, keys[k], codec=codec,
+                             schedule=schedule, cfg=bound_cfg, train=False, t=t, num_masks=1)
+    return carry + loss
+
+  total = jax.lax.fori_loop(0, num_time_samples, one, jnp.zeros((bsz,), jnp.float32))
+  return total / num_time_samples

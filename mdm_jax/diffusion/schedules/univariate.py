@@ -1,0 +1,110 @@
+"""Univariate masking schedules alpha(t), t in [0, 1].
+
+alpha(t) is the probability that a (sub-)token is still *unmasked* at time t:
+alpha(0) = 1 (clean data) and alpha(1) = 0 (everything masked; the geometric
+schedule reaches exp(-(sigma_max - sigma_min)) instead, ~2e-9 by default).
+
+Every schedule gives alpha and its exact derivative dalpha/dt, and the
+continuous-time ELBO weight
+
+    weight(t) = -alpha'(t) / (1 - alpha(t))  >= 0,
+
+each in a closed form that stays accurate as t -> 0 (where 1 - alpha -> 0 and
+the weight behaves like c / t).  All arithmetic is float32 or wider.
+
+Adding one is a function plus a registration::
+
+    @SCHEDULES.register("my_schedule")
+    def my_schedule(config=None) -> UnivariateSchedule:
+      return UnivariateSchedule("my_schedule", alpha=..., dalpha=..., weight=...)
+
+and a config line ``schedule.name = "my_schedule"`` selects it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from mdm_jax.diffusion.schedules.base import SCHEDULES, UnivariateSchedule, f32
+
+
+
+@SCHEDULES.register("linear")
+def linear(config=None) -> UnivariateSchedule:
+  """alpha = 1 - t (MDLM's log-linear schedule without its eps); weight 1/t."""
+  del config
+  return UnivariateSchedule(
+      name="linear",
+      alpha=lambda t: 1.0 - f32(t),
+      dalpha=lambda t: -jnp.ones_like(f32(t)),
+      weight=lambda t: 1.0 / f32(t))
+
+
+@SCHEDULES.register("loglinear")
+def loglinear(config=None) -> UnivariateSchedule:
+  """MDLM: sigma(t) = -log(1 - (1-eps) t), alpha = 1 - (1-eps) t; weight (1-eps)/((1-eps) t)=1/t."""
+  eps = float(getattr(config, "eps", 1e-3)) if config is not None else 1e-3
+  c = 1.0 - eps
+  return UnivariateSchedule(
+      name="loglinear",
+      alpha=lambda t: 1.0 - c * f32(t),
+      dalpha=lambda t: -c * jnp.ones_like(f32(t)),
+      weight=lambda t: 1.0 / f32(t))
+
+
+@SCHEDULES.register("polynomial")
+def polynomial(config=None) -> UnivariateSchedule:
+  """alpha = 1 - t**w; weight w / t (exact, no cancellation)."""
+  w = float(getattr(config, "power", 1.0)) if config is not None else 1.0
+  if not w > 0:
+    raise ValueError(f"schedule.power must be > 0 for the polynomial schedule, got {w}.")
+  return UnivariateSchedule(
+      name="polynomial",
+      alpha=lambda t: 1.0 - f32(t) ** w,
+      dalpha=lambda t: -w * f32(t) ** (w - 1.0),
+      weight=lambda t: w / f32(t))
+
+
+@SCHEDULES.register("cosine")
+def cosine(config=None) -> UnivariateSchedule:
+  """MD4 cosine: alpha = 1 - cos(pi/2 (1 - t)).
+
+  1 - alpha = cos(pi/2 (1-t)) = sin(pi t / 2), alpha' = -(pi/2) cos(pi t / 2),
+  so the weight is (pi/2) / tan(pi t / 2), which ~ 1/t as t -> 0.
+  """
+  del config
+  h = math.pi / 2
+  return UnivariateSchedule(
+      name="cosine",
+      alpha=lambda t: 1.0 - jnp.sin(h * f32(t)),
+      dalpha=lambda t: -h * jnp.cos(h * f32(t)),
+      weight=lambda t: h / jnp.tan(h * f32(t)))
+
+
+@SCHEDULES.register("geometric")
+def geometric(config=None) -> UnivariateSchedule:
+  """SEDD-style geometric total noise, shifted so that alpha(0) = 1 exactly.
+
+  s(t) = smin^(1-t) smax^t - smin, alpha = exp(-s(t)),
+  weight = s'(t) / expm1(s(t)) with s'(t) = (s(t) + smin) log(smax/smin).
+  """
+  smin = float(getattr(config, "sigma_min", 1e-4)) if config is not None else 1e-4
+  smax = float(getattr(config, "sigma_max", 20.0)) if config is not None else 20.0
+  if not 0 < smin < smax:
+    raise ValueError(f"geometric schedule needs 0 < sigma_min < sigma_max, got {smin}, {smax}.")
+  log_ratio = math.log(smax / smin)
+
+  def total(t):
+    # smin * (exp(t log r) - 1), accurate for small t.
+    return smin * jnp.expm1(f32(t) * log_ratio)
+
+  def rate(t):
+    return smin * jnp.exp(f32(t) * log_ratio) * log_ratio
+
+  return UnivariateSchedule(
+      name="geometric",
+      alpha=lambda t: jnp.exp(-total(t)),
+      dalpha=lambda t: -rate(t) * jnp.exp(-total(t)),
+      weight=lambda t: rate(t) / jnp.expm1(total(t)))

@@ -1,0 +1,1 @@
+"""Evaluation metrics: text statistics, generative perplexity, Frechet distances, classifiers."""

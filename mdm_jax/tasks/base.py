@@ -1,0 +1,167 @@
+"""The trainer's only contract: a ``Task`` turns batches into a loss, an eval metric and samples.
+
+The train loop (``mdm_jax.trainers``) calls nothing but these methods, so a new kind of
+model is one new file with a ``Task`` subclass registered by ``@TASKS.register(name)``
+(``config.objective = name`` selects it):
+
+* ``from_config(config, vocab_size)``: build it (and fail with a ``ConfigError`` on a
+  combination it does not define); ``validate(config)`` checks that without building;
+* ``init_params(key)``: the (logically boxed) parameters;
+* ``sample_times(key, batch_size)`` and ``loss(params, tokens, key, *, train, t, row_ids,
+  **fields)``: the per-row training loss in nats (the trainer divides by rows x seq_len)
+  and scalar metrics; ``fields`` are the batch's other per-row fields (``labels``);
+* ``eval_sums(params, batch, key)`` and ``eval_summary(sums)``: sums the trainer adds
+  over the eval batches, and the report made of them (``nll`` is the headline number);
+* ``generate(params, config, ...)``: samples and their stats;
+* ``after_eval(params, workdir, step)``: pictures or files a task writes after each eval;
+* ``COMPAT_KEYS``: the config sections that must match when a run resumes;
+* ``describe()``: one line for the log.
+
+``TokenTask`` holds what the two token tasks (masked diffusion and autoregressive)
+share: the Prime codec, the backbone, the exact or bound NLL per token as eval metric,
+and the registered samplers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdm_jax.core.registry import Registry
+from mdm_jax.diffusion import elbo
+from mdm_jax.diffusion import prime as prime_lib
+from mdm_jax.sampling import generate as generate_lib
+
+TASKS: Registry[Any] = Registry("task", "objective")
+
+
+class Task:
+  """The interface the trainer uses (see the module docstring)."""
+  objective: ClassVar[str] = ""
+  COMPAT_KEYS: ClassVar[Tuple[str, ...]] = ("objective", "model", "prime")
+  bound_name: ClassVar[str] = ""
+  model: Any
+  seq_len: int
+
+  @classmethod
+  def from_config(cls, config, vocab_size: int) -> "Task":
+    raise NotImplementedError
+
+  @classmethod
+  def validate(cls, config) -> None:
+    """Raises ``ConfigError`` for settings this task does not define (no building)."""
+    del config
+
+  def describe(self) -> str:
+    return self.objective
+
+  def init_params(self, key: jax.Array, batch_size: int = 2):
+    raise NotImplementedError
+
+  def sample_times(self, key: jax.Array, batch_size: int) -> jax.Array:
+    raise NotImplementedError
+
+  def loss(self, params, tokens, key, *, train: bool, t=None, row_ids=None, **fields):
+    raise NotImplementedError
+
+  def eval_sums(self, params, batch: Dict[str, jax.Array], key: jax.Array) -> Dict[str, jax.Array]:
+    raise NotImplementedError
+
+  def eval_summary(self, sums: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def generate(self, params, config, *, seed: Optional[int] = None,
+               num_samples: Optional[int] = None, num_steps: Optional[int] = None,
+               sampler: Optional[str] = None, mesh=None, rules=None, **kwargs):
+    raise NotImplementedError
+
+  def after_eval(self, params, workdir: str, step: int) -> None:
+    del params, workdir, step
+
+
+class TokenTask(Task):
+  """A task over token sequences with a (Prime) codec and a backbone of token logits."""
+  codec: prime_lib.PrimeCodec
+  time_conditioning: bool = False
+
+  def __init__(self, *, codec: prime_lib.PrimeCodec, model, seq_len: int,
+               loss_cfg: elbo.DiffusionLossConfig, time_conditioning: bool = False,
+               num_time_samples: int = 1):
+    self.codec = codec
+    self.model = model
+    self.seq_len = int(seq_len)
+    self.loss_cfg = loss_cfg
+    self.time_conditioning = bool(time_conditioning)
+    self.num_time_samples = int(num_time_samples)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.codec.vocab_size
+
+  def describe(self) -> str:
+    return (f"{self.objective}; codec V={self.codec.vocab_size} ell={self.codec.ell} "
+            f"b={self.codec.base}")
+
+  def apply_fn(self, params, digits, t, *, train: bool = False, rng=None):
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    return self.model.apply({"params": params}, digits, t, train=train, rngs=rngs)
+
+  def init_params(self, key, batch_size: int = 2):
+    digits = jnp.zeros((batch_size, self.seq_len, self.codec.ell), jnp.int32)
+    return self.model.init(key, digits, jnp.ones((batch_size,), jnp.float32))["params"]
+
+  def sample_times(self, key, batch_size: int):
+    """Stratified times in [t_min, 1] over the global batch."""
+    return elbo.sample_times(key, batch_size, self.loss_cfg.t_min, self.loss_cfg.antithetic)
+
+  def bound(self, params, tokens, key, num_time_samples: int) -> jax.Array:
+    """Per-sequence evaluation NLL in nats: exact (AR) or a valid bound (diffusion)."""
+    raise NotImplementedError
+
+  def eval_sums(self, params, batch, key):
+    per_seq = self.bound(params, batch["tokens"], key, self.num_time_samples)
+    w = batch["weights"]
+    return {"nll": jnp.sum(per_seq * w), "tokens": jnp.sum(w) * batch["tokens"].shape[1]}
+
+  def eval_summary(self, sums):
+    nll = float(sums["nll"]) / max(float(sums["tokens"]), 1.0)
+    return {"nll": nll, "ppl_bound": float(math.exp(min(nll, 700.0))),
+            "bits_per_token": nll / math.log(2.0), "eval_tokens": float(sums["tokens"])}
+
+  # ---- generation
+  def sampler_kwargs(self, sampler: str, config, num_samples: int, seq_len: int,
+                     num_steps: int) -> Dict[str, Any]:
+    """The static keyword arguments of ``sampler`` for this task."""
+    raise NotImplementedError
+
+  def default_sampler(self, config) -> str:
+    return str(config.sampling.sampler)
+
+  def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
+               sampler=None, mesh=None, rules=None, **kwargs):
+    """Samples sequences; returns (SampleResult, stats with NFE, wall time, tokens/s, entropy)."""
+    del kwargs
+    sc = config.sampling
+    sampler = sampler or self.default_sampler(config)
+    n = int(num_samples or sc.num_samples)
+    steps = int(num_steps or sc.num_steps)
+    seq_len = int(sc.seq_len or self.seq_len)
+    kw = self.sampler_kwargs(sampler, config, n, seq_len, steps)
+    kw.update(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
+    kw.update(generate_lib.sampler_options(generate_lib.get_sampler(sampler), sc))
+    return generate_lib.run_sampler(
+        self.apply_fn, params, sampler, kw, seed=int(sc.seed if seed is None else seed),
+        num_samples=n, seq_len=seq_len, num_steps=steps, mesh=mesh, rules=rules,
+        cache_key=id(self), report_idle=self.objective != "ar")
+
+
+def loss_config(config) -> elbo.DiffusionLossConfig:
+  """The diffusion objective's static settings from a config."""
+  return elbo.DiffusionLossConfig(
+      form=str(config.prime.loss), carry_over=bool(config.prime.carry_over),
+      t_min=float(config.training.t_min), antithetic=bool(config.training.antithetic),
+      weighting=str(config.training.loss_weighting), chunk_point=float(config.prime.chunk_point))

@@ -1,0 +1,138 @@
+"""The train loop: one code path from a laptop CPU to a TPU pod, for every task.
+
+``train_and_evaluate(config, workdir)`` builds the run (``setup.build_run``: data, task,
+mesh, optimizer), a sharded train state, and runs jit-compiled train steps with explicit
+in/out shardings and a donated state.  It evaluates (``Task.eval_sums``), writes metrics
+(JSONL + TensorBoard), checkpoints with Orbax (state + data iterator + config) and
+writes samples, all under ``workdir``.  Re-running the same command resumes from the
+latest checkpoint.  The loop knows no task: what a task adds (its loss, eval metric,
+samples, pictures) comes through the ``Task`` interface.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict
+
+import jax
+import numpy as np
+from absl import logging
+
+from mdm_jax.core import sharding as shd
+from mdm_jax.core.config import save_config, to_dict
+from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.trainers.inference import scorer_from_config
+from mdm_jax.trainers.samples import sample_and_write
+from mdm_jax.trainers.setup import BEST_DIR, CHECKPOINT_DIR, build_run
+from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.steps import evaluate, make_eval_step, make_train_step
+from mdm_jax.trainers.writer import MetricsWriter, Progress
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) the configured model; returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  run = build_run(config, workdir)
+  task, data, mesh, rules, tx = run.task, run.data, run.mesh, run.rules, run.tx
+  state, shardings = init_state(task, tx, mesh, rules, int(config.seed))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("Model: %s, %.2fM parameters; %s; mesh %s", config.model.name, n_params / 1e6,
+               task.describe(), dict(mesh.shape))
+
+  train_ds = data.train_dataset(int(config.training.batch_size), int(config.data.shuffle_seed),
+                                jax.process_index(), jax.process_count())
+  train_iter = iter(train_ds)
+  cfg_dict = to_dict(config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                               max_to_keep=int(config.checkpoint.max_to_keep),
+                               async_save=bool(config.checkpoint.async_save))
+  best_ckpt = None
+  if int(config.checkpoint.keep_best):
+    best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
+                                      max_to_keep=int(config.checkpoint.keep_best),
+                                      async_save=bool(config.checkpoint.async_save),
+                                      best_metric="eval_nll")
+  if ckpt.latest_step() is not None:
+    ckpt.check_compatible(cfg_dict)
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    state = ckpt.restore(abstract, data_iter=train_iter)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+  save_config(config, workdir, is_main)
+
+  train_step = make_train_step(task, tx, config, mesh, rules, shardings)
+  eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
+  eval_batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
+                                   jax.process_index(), jax.process_count())
+  writer = MetricsWriter(workdir, enabled=is_main)
+  num_steps = int(config.training.num_steps)
+  start = int(state.step)
+  progress = Progress(num_steps, start, int(config.training.batch_size) * task.seq_len,
+                      enabled=is_main)
+  bs = shd.batch_sharding(mesh)
+  last_eval: Dict[str, Any] = {}
+
+  def eval_params(s):
+    return s.ema_params if config.eval.use_ema else s.params
+
+  scorer = scorer_from_config(config)   # sampling.scorer_workdir: gen ppl of samples
+
+  def do_sample(s, step):
+    if not is_main and jax.process_count() == 1:
+      return
+    sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params, config,
+                     data, workdir, step, mesh=mesh, rules=rules, write=is_main, scorer=scorer)
+
+  def do_eval(s):
+    return evaluate(eval_step, task, eval_params(s), eval_batches, mesh, int(config.eval.seed))
+
+  metrics = None
+  with jax.set_mesh(mesh):
+    for step in range(start, num_steps):
+      batch = next(train_iter)
+      gb = {k: shd.global_batch(v, bs) for k, v in batch.items()}
+      state, metrics = train_step(state, gb)
+      done = step + 1
+      if done % int(config.training.log_every) == 0 or done == num_steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+          raise FloatingPointError(
+              f"Training loss became {m['loss']} at step {done}. Lower training.learning_rate "
+              "or set training.grad_clip, and resume from the last checkpoint.")
+        m["lr"] = float(run.lr_schedule(done))
+        progress.update(done, m)
+        writer.write(done, {f"train/{k}": v for k, v in m.items()} | progress.rates())
+      if (config.eval.every_steps and done % int(config.eval.every_steps) == 0) or done == num_steps:
+        last_eval = do_eval(state)
+        writer.write(done, {f"eval/{k}": v for k, v in last_eval.items() if not isinstance(v, str)})
+        progress.message(f"eval @ {done}: " + last_eval.get(
+            "message", f"nll {last_eval['nll']:.4f} nats/token, "
+            f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
+        if is_main:
+          task.after_eval(eval_params(state), workdir, done)
+        if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
+          best_ckpt.save(done, state, None, cfg_dict, force=True,
+                         metrics={"eval_nll": float(last_eval["nll"])})
+      if (config.checkpoint.every_steps and done % int(config.checkpoint.every_steps) == 0) \
+          or done == num_steps:
+        ckpt.save(done, state, train_iter, cfg_dict, force=done == num_steps)
+      if config.sampling.every_steps and done % int(config.sampling.every_steps) == 0 \
+          and done != num_steps:
+        do_sample(state, done)
+  ckpt.close()
+  if best_ckpt is not None:
+    best_ckpt.close()
+  if start < num_steps or not last_eval:
+    if not last_eval:
+      last_eval = do_eval(state)
+    do_sample(state, num_steps)
+  writer.close()
+  result = {"step": int(state.step), **{f"eval_{k}": v for k, v in last_eval.items()}}
+  if metrics is not None:
+    result["train_loss"] = float(jax.device_get(metrics["loss"]))
+  if is_main:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,117 @@
+"""Run set-up: config -> data, task, mesh, optimizer; and restoring a run for inference.
+
+Everything task- or data-specific is behind ``mdm_jax.tasks`` and ``mdm_jax.data``:
+this module turns a config into those objects, places them on the mesh, and checks
+what must agree across processes and between a checkpoint and the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from mdm_jax.core import sharding as shd
+from mdm_jax.core.config import to_dict
+from mdm_jax.core.errors import ConfigError
+from mdm_jax.data import build_data
+from mdm_jax.tasks import build_task, validate_config
+from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.trainers.state import make_optimizer, state_shardings
+
+BEST_DIR = "checkpoints_best"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is made of, before any state exists."""
+  config: Any
+  workdir: str
+  data: Any
+  task: Any
+  mesh: Any
+  rules: Any
+  tx: Any
+  lr_schedule: Callable
+
+
+def validate_batch(config, mesh) -> None:
+  """The (micro)batch must split evenly over the batch-sharded mesh axes."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = int(config.training.batch_size) // int(config.training.num_microbatches)
+  if micro % shards:
+    raise ConfigError(
+        f"Each microbatch has {micro} sequences (training.batch_size / num_microbatches), which "
+        f"does not divide over the {shards} devices of the mesh's data x fsdp axes. Choose a "
+        "batch size that is a multiple of it.")
+  if int(config.eval.batch_size) % shards:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
+                      f"{shards} devices on the data x fsdp axes.")
+  if int(config.training.batch_size) % jax.process_count():
+    raise ConfigError(f"training.batch_size must divide over {jax.process_count()} processes.")
+
+
+def check_same_tokenizer_everywhere(tokenizer) -> None:
+  """In a multi-process job, fails unless every process holds the same tokenizer.
+
+  Each process builds its tokenizer (and, with ``data.token_order``, its vocabulary
+  numbering) from the corpus itself; if two hosts disagreed, they would train one
+  model on two numberings without any other symptom.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  digest = np.frombuffer(hashlib.sha256(tokenizer.fingerprint().encode()).digest(),
+                         np.uint8).astype(np.int32)
+  multihost_utils.assert_equal(
+      digest, "The processes built different tokenizers or vocabulary orders from the same "
+      "corpus (compare workdir/tokenizer/ on each host); set --config.data.token_order=id or "
+      "give every host the same corpus and software.")
+
+
+def build_run(config, workdir: str, *, check_batch: bool = True) -> Run:
+  """Validates ``config`` and builds the data, task, mesh and optimizer of a run."""
+  validate_config(config)
+  data = build_data(config.data, workdir)
+  check_same_tokenizer_everywhere(data.tokenizer)
+  task = build_task(config, data.tokenizer.vocab_size)
+  mesh = shd.make_mesh(config.mesh)
+  rules = shd.logical_rules(config.mesh)
+  if check_batch:
+    validate_batch(config, mesh)
+  tx, lr_schedule = make_optimizer(config.training)
+  return Run(config=config, workdir=workdir, data=data, task=task, mesh=mesh, rules=rules,
+             tx=tx, lr_schedule=lr_schedule)
+
+
+def restore_for_inference(config, workdir: str):
+  """(task, state, mesh, rules, data, shardings) from a checkpoint in workdir.
+
+  ``config.checkpoint.restore`` picks the latest step or the best one by eval
+  bound (kept under ``checkpoints_best/`` when ``checkpoint.keep_best > 0``).
+  """
+  validate_config(config)
+  which = config.checkpoint.restore
+  sub = BEST_DIR if which == "best" else CHECKPOINT_DIR
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, sub), read_only=True, async_save=False,
+                               best_metric="eval_nll" if which == "best" else None)
+  step = ckpt.best_step() if which == "best" else ckpt.latest_step()
+  if step is None:
+    hint = (" Best-by-eval checkpoints are written when checkpoint.keep_best > 0 and an eval "
+            "runs; use --config.checkpoint.restore=latest." if which == "best" else "")
+    raise ckpt_lib.CheckpointError(
+        f"No checkpoint found under {os.path.join(workdir, sub)}. Train first with "
+        f"--mode=train --workdir={workdir}.{hint}")
+  ckpt.check_compatible(to_dict(config), step)
+  run = build_run(config, workdir, check_batch=False)
+  abstract, shardings = state_shardings(run.task, run.tx, run.mesh, run.rules)
+  state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=step)
+  ckpt.close()
+  logging.info("Restored %s checkpoint step %d from %s.", which, step, ckpt.directory)
+  return run.task, state, run.mesh, run.rules, run.data, shardings

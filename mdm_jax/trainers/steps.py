@@ -1,0 +1,123 @@
+"""The jitted train and eval steps, with explicit shardings; they know no task.
+
+``make_train_step`` draws stratified times over the *global* batch (``task.sample_times``),
+cuts the batch into microbatches (gradient accumulation), calls ``task.loss`` on each
+with per-row randomness (so neither microbatching nor sharding changes the draws),
+averages to nats per token, applies the optimizer and the EMA, and donates the state.
+``make_eval_step`` / ``evaluate`` add up ``task.eval_sums`` over fixed eval batches and
+report ``task.eval_summary``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mdm_jax.core import sharding as shd
+from mdm_jax.trainers.state import TrainState
+
+# optax >= 0.2.6 has optax.tree.norm; older releases only optax.global_norm.
+tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def make_train_step(task, tx, config, mesh, rules, shardings):
+  """A jitted ``(state, batch) -> (state, metrics)``; ``batch`` holds ``tokens`` and any
+  further per-row fields, all sharded over the mesh's batch axes."""
+  tc = config.training
+  n_micro = int(tc.num_microbatches)
+  ema_decay = float(tc.ema_decay)
+  bsz = int(tc.batch_size)
+  length = task.seq_len
+  micro_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+  def loss_fn(params, tokens, key, t, rows, extra):
+    # extra: further per-row batch fields (e.g. image class labels) passed to task.loss by name
+    per_seq, metrics = task.loss(params, tokens, key, train=True, t=t, row_ids=rows, **extra)
+    return jnp.sum(per_seq), metrics
+
+  def step_fn(state: TrainState, batch):
+    tokens = batch["tokens"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    k_t, k_loss = jax.random.split(key)
+    # Stratified times over the *global* batch, then cut into microbatches.
+    t_all = task.sample_times(k_t, bsz)
+    tok_mb = jax.lax.with_sharding_constraint(
+        tokens.reshape(n_micro, bsz // n_micro, length), micro_sharding)
+    t_mb = t_all.reshape(n_micro, bsz // n_micro)
+    rows_mb = jnp.arange(bsz, dtype=jnp.int32).reshape(n_micro, bsz // n_micro)
+    extra_mb = {k: v.reshape((n_micro, bsz // n_micro) + v.shape[1:])
+                for k, v in batch.items() if k != "tokens"}
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    # Masks are drawn per global row, so microbatching changes nothing but the
+    # summation order; dropout (if any) uses a per-microbatch key.
+    def micro(carry, xs):
+      g_acc, l_acc = carry
+      tok, t, rows, extra = xs
+      (l, metrics), g = grad_fn(state.params, tok, k_loss, t, rows, extra)
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+      return (g_acc, l_acc + l), metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, total), metrics = jax.lax.scan(
+        micro, (zeros, jnp.zeros((), jnp.float32)),
+        (tok_mb, t_mb, rows_mb, extra_mb))
+    norm = 1.0 / (bsz * length)                      # -> nats per token
+    grads = jax.tree.map(lambda g: g * norm, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay > 0:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                         state.ema_params, params)
+    else:
+      ema = params
+    out = {"loss": total * norm, "grad_norm": tree_norm(grads)}
+    out.update(jax.tree.map(jnp.mean, metrics))
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new, out
+
+  def traced(state, batch):
+    with nn.logical_axis_rules(rules):
+      return step_fn(state, batch)
+
+  batch_sh = shd.batch_sharding(mesh)   # every batch field ("tokens", optional "labels")
+  return jax.jit(traced, in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(task, config, mesh, rules, param_shardings):
+  """A jitted ``(params, batch, key) -> task.eval_sums(...)`` with the batch sharded."""
+  del config
+
+  def fn(params, batch, key):
+    with nn.logical_axis_rules(rules):
+      return task.eval_sums(params, batch, key)   # raw uint32 key data
+
+  return jax.jit(fn, in_shardings=(param_shardings, shd.batch_sharding(mesh),
+                                   shd.replicated(mesh)))
+
+
+def evaluate(eval_step, task, params, batches: List[Dict[str, np.ndarray]], mesh,
+             seed: int) -> Dict[str, Any]:
+  """``task.eval_summary`` of the eval sums over fixed batches (summed in float64).
+
+  Each batch gets the key fold_in(key(seed), i); rows without a ``weights`` field count 1.
+  """
+  totals: Dict[str, np.ndarray] = {}
+  base = jax.random.key(seed)
+  bs = shd.batch_sharding(mesh)
+  with jax.set_mesh(mesh):
+    for i, b in enumerate(batches):
+      b = dict(b)
+      b.setdefault("weights", np.ones(len(b["tokens"]), np.float32))
+      gb = {k: shd.global_batch(v, bs) for k, v in b.items()}
+      sums = eval_step(params, gb, jax.random.key_data(jax.random.fold_in(base, i)))
+      for k, v in jax.device_get(sums).items():
+        totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+  return task.eval_summary(totals)
