@@ -1,5 +1,5 @@
 # Shared settings of run_comparison.sh and run_ablations.sh (sourced; N and NS set by the caller):
-# the recipe of docs/mc_dit.md (batch 32, AdamW 1e-3 after 50 warm-up steps, EMA 0.98) and the
+# the recipe of docs/results/mc_dit.md (batch 32, AdamW 1e-3 after 50 warm-up steps, EMA 0.98) and the
 # evaluation (held-out L_G at 8 levels + classifier Frechet distance of NS samples, DDIM 25).
 R=runs/mcdit
 CFG=configs/fashion_mnist_mcdit.py
@@ -16,6 +16,6 @@ train_eval() {  # run variant steps: train, then evaluate (eval_RUN.json)
   /usr/bin/time -f "wall_s %e user_s %U" .venv/bin/python -m mdm_jax.main \
     --config=$CFG:$var --workdir=$R/fm_$run --config.training.num_steps=$steps $COMMON \
     > $R/fm_$run.log 2>&1
-  .venv/bin/python -m mdm_jax.eval_gaussian --config=$CFG:$var --workdir=$R/fm_$run $EVAL \
+  .venv/bin/python -m mdm_jax.cli.eval_gaussian --config=$CFG:$var --workdir=$R/fm_$run $EVAL \
     > $R/eval_$run.json 2> $R/eval_$run.log
 }

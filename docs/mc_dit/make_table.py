@@ -1,5 +1,6 @@
-"""Collects runs/mcdit/{eval_*.json, fm_*.log, flops0_*.json} into docs/mc_dit/results.json and a
-markdown table (printed).  python docs/mc_dit/make_table.py [runs/mcdit]"""
+"""Collects runs/mcdit/{eval_*.json, fm_*.log, flops0_*.json} into
+docs/results/assets/mc_dit/results.json (plus the sample grids) and a markdown table (printed).
+python docs/mc_dit/make_table.py [runs/mcdit]"""
 import json
 import os
 import re
@@ -7,7 +8,9 @@ import shutil
 import sys
 
 R = sys.argv[1] if len(sys.argv) > 1 else "runs/mcdit"
-OUT = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "assets",
+                   "mc_dit")
+os.makedirs(OUT, exist_ok=True)
 RUNS = [("dit", "dit", "N"), ("mdt", "mdt", "N"), ("mcdit", "mcdit", "N"), ("dit_2x", "dit", "2N")]
 flops = {}
 for arm in ("dit", "mdt", "mcdit"):

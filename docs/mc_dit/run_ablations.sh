@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MC-DiT ablations of docs/mc_dit.md (mc_dit.md §5), with the same recipe as
+# The MC-DiT ablations of docs/results/mc_dit.md (docs/method/mc_dit.md §5), with the same recipe as
 # run_comparison.sh (N steps, batch 32), then the branch-C probes of every run with a clean
 # branch (context probe = D_c's inpainting MSE; collapse probe = ||ΔX̂0|| / ||Δinput|| when the
 # masked patches' noise is redrawn).  Run from the repo root after run_comparison.sh:
@@ -9,7 +9,7 @@ N=${1:-150}
 NS=${2:-200}
 source "$(dirname "$0")/common.sh"
 probes() {  # run variant
-  .venv/bin/python -m mdm_jax.eval_gaussian --mode=probes --config=$CFG:$2 --workdir=$R/fm_$1 \
+  .venv/bin/python -m mdm_jax.cli.eval_gaussian --mode=probes --config=$CFG:$2 --workdir=$R/fm_$1 \
     --config.eval.batch_size=64 --config.eval.num_batches=4 > $R/probes_$1.json 2> $R/probes_$1.log
 }
 train_eval c_only arm=mcdit,c_only $N         # C without G on one decoder (the collapse ablation)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST comparison of docs/mc_dit.md: three arms at equal steps (N) and DiT at 2N
+# The Fashion-MNIST comparison of docs/results/mc_dit.md: three arms at equal steps (N) and DiT at 2N
 # (equal FLOPs: the mdt and mcdit arms cost ~2x a DiT step), each followed by its evaluation
 # (held-out denoising loss by noise level + Frechet distance on the project's own classifier),
 # then XLA's FLOPs per train step.  Run from the repo root:
@@ -15,6 +15,6 @@ train_eval mcdit arm=mcdit $N
 rm -rf $R/fm_dit_2x && cp -r $R/fm_dit $R/fm_dit_2x && rm -f $R/fm_dit_2x/gaussian_eval_step_*.json
 train_eval dit_2x arm=dit $((2 * N))
 for arm in dit mdt mcdit; do
-  .venv/bin/python -m mdm_jax.eval_gaussian --mode=flops --config=$CFG:arm=$arm \
+  .venv/bin/python -m mdm_jax.cli.eval_gaussian --mode=flops --config=$CFG:arm=$arm \
     --config.training.batch_size=32 > $R/flops_$arm.json 2> $R/flops_$arm.log
 done
