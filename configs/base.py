@@ -31,6 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                                       # high digits then mean word classes); random is a seeded
                                       # shuffle (shuffle_seed); mdm_jax/data/token_order.py
   c.data.shuffle_seed = 0
+  c.data.max_invalid_utf8 = 0.001     # text_files: largest fraction of bytes that may be invalid
+                                      # UTF-8 (replaced by U+FFFD, counted in a warning); above
+                                      # it (and past 64 bytes) the corpus is refused; 1.0 accepts all
   # Images (mdm_jax/data/images.py): data.dataset = fashion_mnist | image_folder | tfds_images.
   c.data.num_levels = 256             # levels per pixel channel (tokens); 256 = raw 8-bit pixels
   c.data.image_size = 0               # image_folder: resize to N x N (0 = native)
@@ -236,9 +239,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.async_save = True
+  c.checkpoint.every_steps = 500       # also saved at the last step and on SIGTERM (preemption)
+  c.checkpoint.max_to_keep = 3        # newest steps kept; each carries checksums of its files
+  c.checkpoint.async_save = True      # write in the background while training goes on
   c.checkpoint.keep_best = 1          # also keep the N best steps by eval bound (checkpoints_best/); 0 = off
   c.checkpoint.restore = "latest"     # eval/sample modes: latest | best
 

@@ -328,3 +328,18 @@ def test_known_bigram_rate_counts_in_line_word_pairs():
   rate, n = text_metrics.known_bigram_rate(["Thou art a king", "villain the", "Exit"], pairs)
   assert n == 4 and rate == pytest.approx(2 / 4)
   assert text_metrics.known_bigram_rate(["Exit", "?!"], pairs) == (0.0, 0)
+
+
+def test_invalid_utf8_is_counted_and_refused(tmp_path, capsys):
+  good = "To be, or not to be, that is the question.\n" * 200
+  few = tmp_path / "few.txt"
+  few.write_bytes(good.encode() + b"\xff\xfe" + good.encode())
+  text = data_lib.text_files(str(few))
+  assert text.count("\ufffd") == 2
+  assert "2 of" in capsys.readouterr().err and "not valid UTF-8" in "".join(
+      [data_lib.text_files(str(few)), capsys.readouterr().err])
+  noise = tmp_path / "noise.bin"
+  noise.write_bytes(np.random.default_rng(0).bytes(20000))
+  with pytest.raises(ValueError, match="max_invalid_utf8"):
+    data_lib.text_files(str(noise))
+  assert len(data_lib.text_files(str(noise), max_invalid_fraction=1.0)) > 0

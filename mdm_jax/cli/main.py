@@ -21,8 +21,10 @@ Any config value can be overridden: ``--config.prime.ell=4 --config.training.num
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sys
 
 from absl import app, flags
@@ -35,6 +37,8 @@ from mdm_jax.data import array_record
 from mdm_jax.metrics import gen_ppl
 from mdm_jax.trainers import distill, inference, loop
 from mdm_jax.trainers.checkpoint import CheckpointError
+from mdm_jax.trainers.preemption import PREEMPTED_EXIT_CODE, Preempted
+from mdm_jax.trainers.workdir_lock import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A packaged config name (e.g. shakespeare_prime, shakespeare_prime:tiny) or the "
@@ -146,8 +150,22 @@ def main(argv):
       result = run_score(config, workdir, _TEXTS.value)
     else:
       result = inference.sample_checkpoint(config, workdir, num_steps=_STEPS.value)
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:
+  except Preempted as e:
+    print(f"mdm_jax: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
+  except (ConfigError, CheckpointError, FileNotFoundError, WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0
+    print(f"error: No space left on {e.filename or workdir}: {free:.0f} MiB free in {workdir}. "
+          "Free space and re-run the same command; training resumes from its last checkpoint.",
+          file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result, indent=2, default=str))
 

@@ -14,7 +14,7 @@
 A new dataset is one file with a builder registered by ``@DATASETS.register(name)``.
 """
 
-from mdm_jax.data.base import COMPAT_KEYS, DATASETS, Data, build_data
+from mdm_jax.data.base import COMPAT_KEYS, DATASETS, STREAM_KEYS, Data, build_data
 from mdm_jax.data.batching import process_eval_batches, process_train_batches
 # The built-in datasets register themselves on import.
 from mdm_jax.data.text import TextData, make_text_data, split_and_pack, tokenize_corpus
@@ -25,7 +25,7 @@ from mdm_jax.data.tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, Ch
                                      GPT2Tokenizer, Tokenizer, build_tokenizer, load_tokenizer)
 
 __all__ = [
-    "COMPAT_KEYS", "DATASETS", "Data", "build_data", "ArrayRecordData", "ImageData", "TextData",
+    "COMPAT_KEYS", "STREAM_KEYS", "DATASETS", "Data", "build_data", "ArrayRecordData", "ImageData", "TextData",
     "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CORPORA", "GPT2Tokenizer", "Tokenizer",
     "TOKENIZERS", "build_tokenizer", "load_array_record_data", "load_corpus", "load_tokenizer",
     "make_image_data", "make_text_data", "prepare", "process_eval_batches",

@@ -31,6 +31,12 @@ DATASETS: Registry[Callable[..., "Data"]] = Registry("dataset", "data.dataset")
 COMPAT_KEYS = ("data.tokenizer", "data.bpe_vocab_size", "data.token_order", "data.dataset",
                "data.path")
 
+# config.data keys that decide the training stream (what each step's batch holds): a run
+# that resumes must keep them too, or the restored iterator position means other data.
+STREAM_KEYS = ("data.seq_len", "data.shuffle_seed", "data.eval_fraction", "data.num_levels",
+               "data.image_size", "data.channels", "data.tfds_name", "data.tfds_train_split",
+               "data.max_train_examples", "data.class_labels")
+
 
 class Data:
   """The interface of a dataset (see the module docstring).

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -66,11 +67,17 @@ def _load_cached_tokens(cache_dir: str, key: str) -> Optional[np.ndarray]:
 
 
 def _save_tokens(cache_dir: str, key: str, tokens: np.ndarray) -> None:
+  """Caches the token stream for the next run; a cache that cannot be written (a full
+  disk) is skipped with a warning, since training does not need it."""
   buf = io.BytesIO()
   np.save(buf, tokens, allow_pickle=False)
-  tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_FILE), buf.getvalue())
-  tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_META_FILE),
-                              json.dumps({"key": key, "num_tokens": int(len(tokens))}))
+  try:
+    tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_FILE), buf.getvalue())
+    tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_META_FILE),
+                                json.dumps({"key": key, "num_tokens": int(len(tokens))}))
+  except OSError as e:
+    print(f"warning: the token cache was not written in {cache_dir} ({e}); the next run "
+          "tokenizes again.", file=sys.stderr, flush=True)
 
 
 ORDER_FILE = "token_order.json"

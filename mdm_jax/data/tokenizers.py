@@ -55,9 +55,14 @@ def atomic_write(path: str, data: Union[str, bytes]) -> None:
   """
   tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex}"
   mode = "wb" if isinstance(data, bytes) else "w"
-  with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:   # a full disk or an interrupt leaves no partial file behind
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _as_id_array(ids: IdsLike) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: train state + data-iterator state + config, atomically.
+"""Orbax checkpoints: train state + data-iterator state + config, atomically and verified.
 
 One ``CheckpointManager`` per workdir saves a Composite of
 ``state`` (parameters, optimizer state, EMA parameters, step, PRNG key),
@@ -8,14 +8,34 @@ step into a temporary directory and renames it when complete, so a crash
 mid-save never leaves a checkpoint that looks finished; restores go through
 abstract arrays that carry the *current* shardings, so a run saved on one mesh
 restores onto another.
+
+On top of Orbax:
+
+* **Checksums.**  Once a step is committed, process 0 writes ``mdm_jax_checksums.json``
+  into it: size and CRC-32 of every file.  ``verify`` re-reads them; a missing,
+  truncated or altered file (including Orbax's ``_METADATA`` and the data-iterator
+  state) marks the step *damaged*.
+* **Fallback.**  ``restore_intact`` walks from the newest step down: a damaged step is
+  moved aside to ``<dir>_damaged/`` with the reason, and the newest intact one is
+  restored.  A step without checksums (a run killed between commit and checksum) that
+  fails to restore is set aside only when an older step restores, so a configuration
+  error never moves good checkpoints.
+* **Disk space.**  ``save`` checks the free space against the last checkpoint's size
+  first, and an error of the asynchronous writer (``No space left``) comes back at the
+  next step as one line; partial temporary folders are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+import shutil
+import socket
+import time
+import zlib
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import grain
 import jax
@@ -24,12 +44,83 @@ from absl import logging
 
 from mdm_jax.configs.base import get_base_config
 from mdm_jax.core.config import flatten, to_dict
-from mdm_jax.data import COMPAT_KEYS as DATA_COMPAT_KEYS
+from mdm_jax.data import COMPAT_KEYS as DATA_COMPAT_KEYS, STREAM_KEYS as DATA_STREAM_KEYS
 from mdm_jax.networks import RUNTIME_KEYS
 from mdm_jax.tasks import TASKS
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, partial or incompatible; the message says what to do."""
+
+
+MANIFEST = "mdm_jax_checksums.json"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+_MIB = 2 ** 20
+
+
+def _crc32(path: str) -> str:
+  crc = 0
+  with open(path, "rb") as f:
+    while True:
+      chunk = f.read(_MIB)
+      if not chunk:
+        break
+      crc = zlib.crc32(chunk, crc)
+  return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def _files_under(step_dir: str) -> List[str]:
+  out = []
+  for d, _, files in os.walk(step_dir):
+    for f in files:
+      rel = os.path.relpath(os.path.join(d, f), step_dir)
+      if rel != MANIFEST and not rel.endswith(".tmp"):
+        out.append(rel)
+  return sorted(out)
+
+
+def write_manifest(step_dir: str) -> str:
+  """Writes ``step_dir/mdm_jax_checksums.json`` (size and CRC-32 of every file), atomically."""
+  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc32(os.path.join(step_dir, rel))]
+           for rel in _files_under(step_dir)}
+  path = os.path.join(step_dir, MANIFEST)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"format": 1, "files": files}, f)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def verify_step_dir(step_dir: str) -> Optional[str]:
+  """None when every file matches the manifest; "unverified" when there is no manifest;
+  otherwise the reason the step is damaged (the first file that differs)."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return "unverified"
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"its checksum file is unreadable ({e})"
+  for rel, (size, crc) in sorted(files.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      return f"{rel} is missing"
+    actual = os.path.getsize(full)
+    if actual != size:
+      return f"{rel} has {actual} bytes, {size} were written"
+    if _crc32(full) != crc:
+      return f"{rel} does not match its checksum"
+  return None
+
+
+def dir_bytes(path: str) -> int:
+  total = 0
+  for d, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(d, f))
+      except OSError:
+        pass
+  return total
 
 
 def compat_view(config_dict: Dict[str, Any], keys: Sequence[str],
@@ -45,6 +136,13 @@ def compat_keys(objective: str = "diffusion") -> Tuple[str, ...]:
   """The config entries a checkpoint of this task and the run restoring it must agree on:
   the task's (``Task.COMPAT_KEYS``) and the data's (which token ids mean what)."""
   return tuple(TASKS.get(objective).COMPAT_KEYS) + tuple(DATA_COMPAT_KEYS)
+
+
+def resume_keys(objective: str = "diffusion") -> Tuple[str, ...]:
+  """What a resumed training run must also keep: ``compat_keys`` plus every key that
+  decides the data stream or the random stream (sequence length, shuffling, global
+  batch size, seed), so the restored iterator position and PRNG key mean what they did."""
+  return compat_keys(objective) + tuple(DATA_STREAM_KEYS) + ("seed", "training.batch_size")
 
 
 def config_mismatches(saved: Dict[str, Any], current: Dict[str, Any],
@@ -96,7 +194,12 @@ class Checkpointer:
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=self.barrier_prefix), **best)
     self.save_every = save_every
+    self._pending: List[int] = []
+    self._last_size = 0
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    latest = self._mngr.latest_step()
+    if latest is not None:
+      self._last_size = dir_bytes(self.step_dir(latest))
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> Optional[int]:
@@ -105,6 +208,10 @@ class Checkpointer:
   def all_steps(self) -> Iterable[int]:
     return self._mngr.all_steps()
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether JAX's preemption service has asked every process to stop at ``step``."""
+    return bool(self._mngr.reached_preemption(step))
+
   def best_step(self) -> Optional[int]:
     """The kept step with the lowest ``best_metric`` (needs ``best_metric``)."""
     if not self.best_metric:
@@ -112,23 +219,119 @@ class Checkpointer:
     return self._mngr.best_step()
 
   # ------------------------------------------------------------------ save
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _space_error(self, needed: int, cause: str = "") -> CheckpointError:
+    free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+    last = self.latest_step()
+    return CheckpointError(
+        f"No space left on {self.directory}: {free / _MIB:.0f} MiB free, the checkpoint needs "
+        f"~{needed / _MIB:.0f} MiB{cause}. Free space (or lower checkpoint.max_to_keep) and "
+        f"re-run the same command; it resumes from step {last if last is not None else 0}.")
+
+  def _remove_partial(self) -> None:
+    """Removes Orbax's temporary step folders (left by a failed save) in process 0."""
+    if not self.is_primary or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if TMP_MARKER in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def _check_async_errors(self) -> None:
+    """Raises a finished asynchronous save's error as one ``CheckpointError`` line."""
+    try:
+      self._mngr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(e)
+
+  def _raise_save_error(self, e: BaseException) -> None:
+    self._remove_partial()
+    text = f"{type(e).__name__}: {e}"
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text:
+      raise self._space_error(self._last_size, " (the last save failed: no space left)") from e
+    first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    raise CheckpointError(f"Saving a checkpoint in {self.directory} failed: "
+                          f"{type(e).__name__}: {first[:300]}") from e
+
+  def poll(self) -> None:
+    """Once a save has finished: surfaces its error, or writes its checksums."""
+    if self._pending and not self._mngr.is_saving_in_progress():
+      self._finalize()
+
+  def _finalize(self) -> None:
+    self._check_async_errors()
+    pending, self._pending = self._pending, []
+    if not self.is_primary:
+      return
+    for step in pending:
+      d = self.step_dir(step)
+      if os.path.isdir(d):
+        write_manifest(d)
+        self._last_size = max(self._last_size, dir_bytes(d))
+
   def save(self, step: int, state: Any, data_iter: Any = None,
            config_dict: Optional[Dict[str, Any]] = None, force: bool = False,
            metrics: Optional[Dict[str, float]] = None) -> bool:
+    if self._pending:
+      self.wait()
+    if self.is_primary and os.path.isdir(self.directory):
+      needed = self._last_size or sum(
+          int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+      if shutil.disk_usage(self.directory).free < needed * 1.05 + _MIB:
+        raise self._space_error(needed)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     if config_dict is not None:
       items["config"] = ocp.args.JsonSave(config_dict)
-    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force,
-                           metrics=metrics)
+    try:
+      saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force,
+                              metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(e)
+    if saved:
+      self._pending.append(step)
+    return saved
 
   def wait(self):
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(e)
+    self._finalize()
 
   def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
+
+  # ------------------------------------------------------------------ verification
+  def verify(self, step: int) -> Optional[str]:
+    """None (intact), "unverified" (no checksums) or why the step is damaged."""
+    d = self.step_dir(step)
+    if not os.path.isdir(d):
+      return f"{d} is missing"
+    return verify_step_dir(d)
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves a damaged step to ``<dir>_damaged/<step>`` (process 0) and forgets it."""
+    aside_root = self.directory.rstrip(os.sep) + "_damaged"
+    dest = os.path.join(aside_root, f"{step}")
+    if self.is_primary:
+      os.makedirs(aside_root, exist_ok=True)
+      if os.path.exists(dest):
+        dest = f"{dest}.{int(time.time())}"
+      os.replace(self.step_dir(step), dest)
+      with open(dest + ".reason.txt", "w") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {reason}\n")
+    self._mngr.reload()
+    return dest
 
   # ------------------------------------------------------------------ restore
   def read_config(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
@@ -182,16 +385,15 @@ class Checkpointer:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    except FileNotFoundError as e:
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore, JSON, Orbax errors)
+      first = next((l for l in str(e).splitlines() if l.strip()), "")[:400]
       raise CheckpointError(
-          f"Checkpoint step {step} in {self.directory} is incomplete or corrupt ({e}). "
-          f"Delete {os.path.join(self.directory, str(step))} to fall back to an earlier step."
-      ) from e
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f"Checkpoint step {step} in {self.directory} does not match the current model/optimizer "
-          f"structure ({type(e).__name__}: {str(e)[:500]}). Use the configuration it was trained "
-          "with, or a new --workdir.") from e
+          f"Checkpoint step {step} in {self.directory} could not be restored "
+          f"({type(e).__name__}: {first}). Either it is damaged (an earlier step is used "
+          "automatically when one restores) or it does not match the current model/optimizer "
+          "structure: use the configuration it was trained with, or a new --workdir.") from e
     if foreign_data_state is not None:
       if isinstance(data_iter, grain.DatasetIterator):
         data_iter.set_state(json.loads(foreign_data_state))
@@ -200,6 +402,57 @@ class Checkpointer:
       if hasattr(data_iter, "start_prefetch"):
         data_iter.start_prefetch()
     return out["state"]
+
+  def restore_intact(self, abstract_state: Any, data_iter: Any = None, *,
+                     current_config: Optional[Dict[str, Any]] = None,
+                     keys: Optional[Sequence[str]] = None, set_aside: bool = True,
+                     log=logging.warning) -> Tuple[Any, int]:
+    """Restores the newest intact step; returns (state, step).
+
+    Steps are tried from the newest down.  One whose checksums fail is damaged: it is
+    moved to ``<dir>_damaged/`` (``set_aside``) or skipped.  One without checksums that
+    fails to restore is damaged only if an older step restores.  A step that verifies
+    but does not restore means the configuration or code differs: that error is raised
+    and nothing is moved.  ``current_config`` is checked against each candidate's saved
+    config (``keys``, default ``compat_keys``) before it is restored.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"No checkpoint found in {self.directory}. Train first "
+                            "(--mode=train) or point --workdir at a training run.")
+    unverified_failures: List[Tuple[int, CheckpointError]] = []
+    damaged: List[int] = []
+    for step in steps:
+      reason = self.verify(step)
+      if reason not in (None, "unverified"):
+        damaged.append(step)
+        where = self.set_aside(step, reason) if set_aside else "left in place"
+        log(f"checkpoint {step} is damaged ({reason}); set aside in {where}; trying an "
+            "earlier step.")
+        continue
+      if current_config is not None:
+        self.check_compatible(current_config, step, keys)
+      try:
+        state = self.restore(abstract_state, data_iter=data_iter, step=step)
+      except CheckpointError as e:
+        if reason is None:
+          raise
+        unverified_failures.append((step, e))
+        continue
+      for bad, err in unverified_failures:
+        damaged.append(bad)
+        where = self.set_aside(bad, str(err)) if set_aside else "left in place"
+        log(f"checkpoint {bad} is damaged (it does not restore, and step {step} does); "
+            f"set aside in {where}.")
+      if damaged:
+        log(f"resuming from checkpoint {step}, the newest intact one.")
+      return state, step
+    if unverified_failures:
+      raise unverified_failures[0][1]
+    raise CheckpointError(
+        f"Every checkpoint in {self.directory} is damaged (steps {damaged}; set aside in "
+        f"{self.directory.rstrip(os.sep)}_damaged/). Restore them from a backup, or delete the "
+        "workdir's checkpoints to train from scratch.")
 
   def _data_state_from_other_process_count(self, step: int) -> Optional[str]:
     """The iterator state when the checkpoint was written by a different number of processes.

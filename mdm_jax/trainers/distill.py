@@ -70,6 +70,7 @@ from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.common import time_for_mask_prob
 from mdm_jax.trainers import checkpoint as ckpt_lib
 from mdm_jax.trainers.setup import CHECKPOINT_DIR, build_run, restore_for_inference
+from mdm_jax.trainers.workdir_lock import WorkdirLock
 from mdm_jax.trainers.writer import MetricsWriter, Progress, format_time
 
 Array = jax.Array
@@ -470,7 +471,15 @@ def write_generator_samples(task, params, config, data, workdir: str, step: int,
 
 
 def distill(config, teacher_workdir: str, workdir: str) -> Dict[str, Any]:
-  """Runs (or resumes) Di[M]O from the teacher checkpoint in ``teacher_workdir``."""
+  """Runs (or resumes) Di[M]O from the teacher checkpoint in ``teacher_workdir``, holding
+  ``workdir``'s lock (one run per workdir)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _distill(config, teacher_workdir, workdir)
+
+
+def _distill(config, teacher_workdir: str, workdir: str) -> Dict[str, Any]:
   validate_distill_config(config)
   if not teacher_workdir:
     raise ConfigError("--mode=distill needs --teacher_workdir=DIR, a trained diffusion run.")
@@ -495,9 +504,8 @@ def distill(config, teacher_workdir: str, workdir: str) -> Dict[str, Any]:
   cfg_dict = to_dict(config)
   ckpt = _checkpointer(workdir, config)
   if ckpt.latest_step() is not None:
-    ckpt.check_compatible(cfg_dict)
     abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-    state = ckpt.restore(abstract)
+    state, _ = ckpt.restore_intact(abstract, current_config=cfg_dict)
     print(f"Resumed Di[M]O from {ckpt.directory} at step {int(state.step)}.", file=sys.stderr,
           flush=True)
   save_config(config, workdir, is_main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Dict
 
 import jax
@@ -24,16 +25,38 @@ from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import save_config, to_dict
 from mdm_jax.trainers import checkpoint as ckpt_lib
 from mdm_jax.trainers.inference import scorer_from_config
+from mdm_jax.trainers.preemption import Preempted, Preemption
 from mdm_jax.trainers.samples import sample_and_write
 from mdm_jax.trainers.setup import BEST_DIR, CHECKPOINT_DIR, build_run
-from mdm_jax.trainers.state import init_state
+from mdm_jax.trainers.state import init_state, nonfinite_parts
 from mdm_jax.trainers.steps import evaluate, make_eval_step, make_train_step
+from mdm_jax.trainers.workdir_lock import WorkdirLock
 from mdm_jax.trainers.writer import MetricsWriter, Progress
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes) the configured model; returns the final metrics."""
+  """Trains (or resumes) the configured model; returns the final metrics.
+
+  Holds ``workdir``'s lock while it runs (one run per workdir).  Raises ``Preempted``
+  after saving the current step when SIGTERM arrives (see ``preemption``).
+  """
   os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
+    return _train(config, workdir, lock)
+
+
+def _check_finite(state, step: int, ckpt) -> None:
+  bad = nonfinite_parts(state)
+  if bad:
+    last = ckpt.latest_step()
+    parts = ", ".join(f"{n} non-finite values in {k}" for k, n in bad.items())
+    raise FloatingPointError(
+        f"The train state became non-finite by step {step} ({parts}); it was not saved. The "
+        f"last good checkpoint is step {last if last is not None else 'none (no checkpoint)'}. "
+        "Lower training.learning_rate or set training.grad_clip, and re-run to resume from it.")
+
+
+def _train(config, workdir: str, lock: WorkdirLock) -> Dict[str, Any]:
   is_main = jax.process_index() == 0
   run = build_run(config, workdir)
   task, data, mesh, rules, tx = run.task, run.data, run.mesh, run.rules, run.tx
@@ -50,25 +73,40 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                max_to_keep=int(config.checkpoint.max_to_keep),
                                async_save=bool(config.checkpoint.async_save))
   best_ckpt = None
-  if int(config.checkpoint.keep_best):
-    best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
-                                      max_to_keep=int(config.checkpoint.keep_best),
-                                      async_save=bool(config.checkpoint.async_save),
-                                      best_metric="eval_nll")
-  if ckpt.latest_step() is not None:
-    ckpt.check_compatible(cfg_dict)
-    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-    state = ckpt.restore(abstract, data_iter=train_iter)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
-  save_config(config, workdir, is_main)
+  try:
+    if int(config.checkpoint.keep_best):
+      best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
+                                        max_to_keep=int(config.checkpoint.keep_best),
+                                        async_save=bool(config.checkpoint.async_save),
+                                        best_metric="eval_nll")
+    if ckpt.latest_step() is not None:
+      abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+      state, _ = ckpt.restore_intact(
+          abstract, data_iter=train_iter, current_config=cfg_dict,
+          keys=ckpt_lib.resume_keys(config.objective),
+          log=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+      logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    save_config(config, workdir, is_main)
+    with Preemption() as preemption:
+      return _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt,
+                   best_ckpt, preemption, lock)
+  finally:   # a save in progress is finished (or its error reported), never abandoned
+    for c in (ckpt, best_ckpt):
+      if c is not None:
+        c.close()
 
+
+def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, best_ckpt,
+          preemption: Preemption, lock: WorkdirLock) -> Dict[str, Any]:
+  is_main = jax.process_index() == 0
+  task, data, mesh, rules, tx = run.task, run.data, run.mesh, run.rules, run.tx
   train_step = make_train_step(task, tx, config, mesh, rules, shardings)
   eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
   eval_batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
                                    jax.process_index(), jax.process_count())
-  writer = MetricsWriter(workdir, enabled=is_main)
   num_steps = int(config.training.num_steps)
   start = int(state.step)
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
   progress = Progress(num_steps, start, int(config.training.batch_size) * task.seq_len,
                       enabled=is_main)
   bs = shd.batch_sharding(mesh)
@@ -88,47 +126,64 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   def do_eval(s):
     return evaluate(eval_step, task, eval_params(s), eval_batches, mesh, int(config.eval.seed))
 
+  def save(s, step, force=False):
+    _check_finite(s, step, ckpt)
+    ckpt.save(step, s, train_iter, cfg_dict, force=force)
+
   metrics = None
-  with jax.set_mesh(mesh):
-    for step in range(start, num_steps):
-      batch = next(train_iter)
-      gb = {k: shd.global_batch(v, bs) for k, v in batch.items()}
-      state, metrics = train_step(state, gb)
-      done = step + 1
-      if done % int(config.training.log_every) == 0 or done == num_steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(m["loss"]):
-          raise FloatingPointError(
-              f"Training loss became {m['loss']} at step {done}. Lower training.learning_rate "
-              "or set training.grad_clip, and resume from the last checkpoint.")
-        m["lr"] = float(run.lr_schedule(done))
-        progress.update(done, m)
-        writer.write(done, {f"train/{k}": v for k, v in m.items()} | progress.rates())
-      if (config.eval.every_steps and done % int(config.eval.every_steps) == 0) or done == num_steps:
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, num_steps):
+        batch = next(train_iter)
+        gb = {k: shd.global_batch(v, bs) for k, v in batch.items()}
+        state, metrics = train_step(state, gb)
+        done = step + 1
+        ckpt.poll()
+        if done % int(config.training.log_every) == 0 or done == num_steps:
+          lock.heartbeat()
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not math.isfinite(m["loss"]):
+            last = ckpt.latest_step()
+            raise FloatingPointError(
+                f"Training loss became {m['loss']} at step {done}. Lower "
+                "training.learning_rate or set training.grad_clip, and re-run to resume from "
+                f"the last checkpoint (step {last if last is not None else 'none'}).")
+          m["lr"] = float(run.lr_schedule(done))
+          progress.update(done, m)
+          writer.write(done, {f"train/{k}": v for k, v in m.items()} | progress.rates())
+        if (config.eval.every_steps and done % int(config.eval.every_steps) == 0) \
+            or done == num_steps:
+          last_eval = do_eval(state)
+          writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()
+                              if not isinstance(v, str)})
+          progress.message(f"eval @ {done}: " + last_eval.get(
+              "message", f"nll {last_eval['nll']:.4f} nats/token, "
+              f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
+          if is_main:
+            task.after_eval(eval_params(state), workdir, done)
+          if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
+            _check_finite(state, done, ckpt)
+            best_ckpt.save(done, state, None, cfg_dict, force=True,
+                           metrics={"eval_nll": float(last_eval["nll"])})
+        if (config.checkpoint.every_steps and done % int(config.checkpoint.every_steps) == 0) \
+            or done == num_steps:
+          save(state, done, force=done == num_steps)
+        if config.sampling.every_steps and done % int(config.sampling.every_steps) == 0 \
+            and done != num_steps:
+          do_sample(state, done)
+        if preemption.requested(done, ckpt) and done < num_steps:
+          if ckpt.latest_step() != done:
+            save(state, done, force=True)
+          ckpt.wait()
+          progress.message(f"SIGTERM: saved step {done} in {ckpt.directory}; stopping.")
+          raise Preempted(done, ckpt.directory)
+    ckpt.wait()
+    if start < num_steps or not last_eval:
+      if not last_eval:
         last_eval = do_eval(state)
-        writer.write(done, {f"eval/{k}": v for k, v in last_eval.items() if not isinstance(v, str)})
-        progress.message(f"eval @ {done}: " + last_eval.get(
-            "message", f"nll {last_eval['nll']:.4f} nats/token, "
-            f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
-        if is_main:
-          task.after_eval(eval_params(state), workdir, done)
-        if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
-          best_ckpt.save(done, state, None, cfg_dict, force=True,
-                         metrics={"eval_nll": float(last_eval["nll"])})
-      if (config.checkpoint.every_steps and done % int(config.checkpoint.every_steps) == 0) \
-          or done == num_steps:
-        ckpt.save(done, state, train_iter, cfg_dict, force=done == num_steps)
-      if config.sampling.every_steps and done % int(config.sampling.every_steps) == 0 \
-          and done != num_steps:
-        do_sample(state, done)
-  ckpt.close()
-  if best_ckpt is not None:
-    best_ckpt.close()
-  if start < num_steps or not last_eval:
-    if not last_eval:
-      last_eval = do_eval(state)
-    do_sample(state, num_steps)
-  writer.close()
+      do_sample(state, num_steps)
+  finally:
+    writer.close()
   result = {"step": int(state.step), **{f"eval_{k}": v for k, v in last_eval.items()}}
   if metrics is not None:
     result["train_loss"] = float(jax.device_get(metrics["loss"]))

@@ -108,10 +108,14 @@ def restore_for_inference(config, workdir: str):
     raise ckpt_lib.CheckpointError(
         f"No checkpoint found under {os.path.join(workdir, sub)}. Train first with "
         f"--mode=train --workdir={workdir}.{hint}")
-  ckpt.check_compatible(to_dict(config), step)
   run = build_run(config, workdir, check_batch=False)
   abstract, shardings = state_shardings(run.task, run.tx, run.mesh, run.rules)
-  state = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=step)
+  abstract = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  if which == "best":
+    ckpt.check_compatible(to_dict(config), step)
+    state = ckpt.restore(abstract, step=step)
+  else:   # the newest intact step (a damaged one is skipped, and left for training to set aside)
+    state, step = ckpt.restore_intact(abstract, current_config=to_dict(config), set_aside=False)
   ckpt.close()
   logging.info("Restored %s checkpoint step %d from %s.", which, step, ckpt.directory)
   return run.task, state, run.mesh, run.rules, run.data, shardings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax
 import flax.linen as nn
@@ -69,3 +69,18 @@ def init_state(task, tx, mesh, rules, seed: int) -> Tuple[TrainState, Any]:
   with jax.set_mesh(mesh):
     state = init(jax.random.key(seed))
   return state, shardings
+
+
+@jax.jit
+def _nonfinite_counts(params, opt_state, ema_params):
+  def count(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return sum((jnp.sum(~jnp.isfinite(x)) for x in leaves), jnp.zeros((), jnp.int32))
+  return count(params), count(opt_state), count(ema_params)
+
+
+def nonfinite_parts(state: TrainState) -> Dict[str, int]:
+  """{"params": n, ...}: how many non-finite numbers each part of the state holds (only
+  the parts that hold any).  Checked before every save, so none is ever committed."""
+  counts = jax.device_get(_nonfinite_counts(state.params, state.opt_state, state.ema_params))
+  return {name: int(n) for name, n in zip(("params", "opt_state", "ema_params"), counts) if n}

@@ -12,18 +12,32 @@ from absl import logging
 
 
 class MetricsWriter:
-  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files."""
+  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  ``resume_step``: the step the run continues from.  Lines of ``metrics.jsonl`` written
+  after it (by the interrupted run, for steps that are now trained again) get
+  ``"superseded": true``, so a reader keeps the others and sees every step once;
+  TensorBoard purges them.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self.superseded = 0
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      self.superseded = mark_superseded(path, resume_step)
+      if self.superseded:
+        logging.info("metrics.jsonl: %d lines after step %d marked superseded (replayed).",
+                     self.superseded, resume_step)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step or None)
     except ImportError:  # optional
       logging.warning("tensorboardX is not installed; writing metrics.jsonl only.")
 
@@ -43,6 +57,32 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def mark_superseded(path: str, last_step: int) -> int:
+  """Marks the lines of a metrics file with ``step > last_step`` as ``"superseded": true``
+  (they came from an interrupted run and those steps are trained again); a torn last line
+  (a crash mid-write) is dropped.  Atomic; returns how many lines were newly marked."""
+  out, marked, changed = [], 0, False
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+        step = int(rec.get("step", 0))
+      except (ValueError, TypeError, AttributeError):
+        changed = True
+        continue
+      if step > last_step and not rec.get("superseded"):
+        rec["superseded"] = True
+        marked += 1
+        changed = True
+        line = json.dumps(rec) + "\n"
+      out.append(line if line.endswith("\n") else line + "\n")
+  if changed:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(out)
+    os.replace(path + ".tmp", path)
+  return marked
 
 
 def format_time(seconds: float) -> str:

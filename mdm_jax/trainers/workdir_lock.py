@@ -1,0 +1,128 @@
+"""One run per workdir: a lock file that names its holder, with stale-lock detection.
+
+Two runs on one workdir delete each other's checkpoints and interleave their metrics.
+``WorkdirLock`` creates ``<workdir>/mdm_jax.lock`` atomically (O_EXCL) holding the host,
+pid, start time and command of the run; a second run fails at once with that
+information.  A lock is stale, and is taken over with a warning, when its process is
+gone (same host) or its heartbeat is older than ``stale_after_s`` (another host: the
+holder touches the file as it trains).  Only process 0 of a job takes the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from absl import logging
+
+LOCK_NAME = "mdm_jax.lock"
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """``with WorkdirLock(workdir): ...`` (a no-op when ``enabled`` is False)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, stale_after_s: float = 900.0):
+    self.path = os.path.join(workdir, LOCK_NAME)
+    self.enabled = enabled
+    self.stale_after_s = float(stale_after_s)
+    self._held = False
+    self._last_beat = 0.0
+
+  def _info(self) -> Dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
+
+  def _read(self) -> Optional[Dict[str, Any]]:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def _stale(self, info: Optional[Dict[str, Any]]) -> Optional[str]:
+    if info is None:
+      return "the lock file is unreadable"
+    if info.get("host") == socket.gethostname():
+      pid = int(info.get("pid", -1))
+      return None if _alive(pid) else f"process {pid} on this host is gone"
+    try:
+      age = time.time() - os.path.getmtime(self.path)
+    except OSError:
+      return "the lock file vanished"
+    if age > self.stale_after_s:
+      return f"no heartbeat for {age:.0f} s"
+    return None
+
+  def acquire(self) -> None:
+    if not self.enabled:
+      return
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        info = self._read()
+        why = self._stale(info)
+        if why is None:
+          raise WorkdirBusy(
+              f"{os.path.dirname(self.path)} is in use by another run: pid {info.get('pid')} on "
+              f"{info.get('host')}, started {info.get('started')} "
+              f"({' '.join(map(str, info.get('argv', [])))[:300]}). Stop that run or use "
+              f"another --workdir; if it is dead on another host, delete {self.path}.") from None
+        logging.warning("Taking over the stale lock %s (%s).", self.path, why)
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(self._info(), f)
+      self._held = True
+      self._last_beat = time.time()
+      return
+    raise WorkdirBusy(f"Could not take the lock {self.path}; another run took it first.")
+
+  def heartbeat(self, min_interval_s: float = 30.0) -> None:
+    """Marks the lock as alive (cheap; at most every ``min_interval_s``)."""
+    now = time.time()
+    if self._held and now - self._last_beat >= min_interval_s:
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass
+      self._last_beat = now
+
+  def release(self) -> None:
+    if self._held:
+      info = self._read()
+      if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+      self._held = False
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
