@@ -161,6 +161,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.seed = 42
   c.sampling.use_ema = True
   c.sampling.scorer_workdir = ""      # an AR run: add its generative perplexity to sample stats
+  c.sampling.masking_picture = True   # also draw sample 0's masking trajectory (samples/*_masking.png)
   # Sampler options: each is passed only to the samplers that take it (mdm_jax/sampling/generate.py).
   c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy
   c.sampling.block_len = 0            # confidence: semi-AR blocks (1 = left to right; 0 = off)
@@ -237,11 +238,27 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.gaussian.clip_x0 = True
   c.gaussian.eval_buckets = 8         # held-out L_G at this many fixed noise levels
 
+  # ---------------------------------------------------------------- profiler (docs/profiling.md)
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 0            # trace steps start_step .. start_step+num_steps-1; 0 = off
+  c.profile.num_steps = 5             # into WORKDIR/profile (TensorBoard profile plugin / XProf)
+
+  # ---------------------------------------------------------------- experiment tracking
+  # metrics.jsonl and TensorBoard (scalars, sample texts and pictures) are always written;
+  # wandb is optional: pip install 'mdm_jax[wandb]'.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.enabled = False
+  c.wandb.project = "mdm_jax"
+  c.wandb.entity = ""                 # "" = your default entity
+  c.wandb.name = ""                   # "" = the workdir's name
+  c.wandb.mode = "online"             # online | offline (sync later: wandb sync WORKDIR/wandb) | disabled
+
   # ---------------------------------------------------------------- checkpoints
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500       # also saved at the last step and on SIGTERM (preemption)
   c.checkpoint.max_to_keep = 3        # newest steps kept; each carries checksums of its files
   c.checkpoint.async_save = True      # write in the background while training goes on
+  c.checkpoint.check_free_space = True  # refuse a save the disk cannot hold (off for odd mounts)
   c.checkpoint.keep_best = 1          # also keep the N best steps by eval bound (checkpoints_best/); 0 = off
   c.checkpoint.restore = "latest"     # eval/sample modes: latest | best
 

@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import resource
+import re
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -179,3 +180,15 @@ def test_notebook_runs(name, executed):
   # At least one picture was displayed inline.
   assert any(o.get("data", {}).get("image/png") for c in nb.cells if c.cell_type == "code"
              for o in c.outputs), f"{name}: no picture was displayed"
+  # The first code cell names the accelerator, and warns loudly on a CPU.
+  first = next(c for c in nb.cells if c.cell_type == "code")
+  text = "".join(o.get("text", "") for o in first.outputs if o.get("name") == "stdout")
+  assert re.search(r"jax \S+ on \d+ x .*\(cpu\)", text), text[-500:]
+  assert "WARNING: NO ACCELERATOR" in text
+
+
+def test_every_notebook_states_its_run_time():
+  for name in EXPECTED:
+    nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
+    intro = nb.cells[0].source
+    assert re.search(r"Run time:.*(measured|not measured)", intro, re.S), name

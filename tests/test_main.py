@@ -68,6 +68,13 @@ def test_eval_and_sample_modes(trained):
   assert ev["nll"] == pytest.approx(final["eval_nll"], rel=1e-4)   # fixed eval key
   out = json.loads(_run([cfg, f"--workdir={wd}", "--mode=sample", "--sample_steps=8"]).stdout)
   assert out["num_steps"] == 8 and out["nfe"] <= 9
+  name = f"step_30-{out['sampler']}-T8-seed{out['sampling']['seed']}"
+  assert out["samples_txt"] == os.path.join(wd, "samples", name + ".txt")
+  # Other settings with the same sampler, T and seed: a new file, not a replacement.
+  out2 = json.loads(_run([cfg, f"--workdir={wd}", "--mode=sample", "--sample_steps=8",
+                          "--config.sampling.top_p=0.5"]).stdout)
+  assert out2["samples_txt"] == os.path.join(wd, "samples", name + "-2.txt")
+  assert os.path.exists(out["samples_txt"]) and os.path.exists(os.path.join(wd, "samples", "step_30.txt"))
   # Best-by-eval checkpoint: the step whose eval bound was lowest (evals at 10, 20, 30).
   evals = {r["step"]: r["eval/nll"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))
            if "eval/nll" in r}

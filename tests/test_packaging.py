@@ -54,6 +54,20 @@ def test_the_wheel_carries_configs_and_data_builders(installed_wheel):
   assert entry
 
 
+def test_the_wheel_declares_its_licence_and_accelerator_extras(installed_wheel):
+  target, names = installed_wheel
+  meta_path = [n for n in names if n.endswith(".dist-info/METADATA")]
+  assert len(meta_path) == 1
+  with open(os.path.join(target, meta_path[0])) as f:
+    meta = f.read()
+  assert "Apache-2.0" in meta and "License :: OSI Approved :: Apache Software License" in meta
+  assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names), sorted(names)[-10:]
+  extras = {l.split(":", 1)[1].strip() for l in meta.splitlines()
+            if l.startswith("Provides-Extra:")}
+  assert {"gpu", "tpu", "test", "gcs", "wandb"} <= extras, extras
+  assert 'jax[cuda12]' in meta and 'jax[tpu]' in meta
+
+
 def test_default_job_by_name_from_another_directory(installed_wheel, tmp_path):
   target, _ = installed_wheel
   env = dict(os.environ, PYTHONPATH=target, JAX_PLATFORMS="cpu")

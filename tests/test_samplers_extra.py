@@ -499,8 +499,14 @@ def test_cli_every_sampler_and_sampler_table(tiny_workdir):
       assert k in st, (name, k)
     assert st["nfe"] >= 1 and st["tokens_per_s"] > 0 and st["sample_entropy"] > 0
   assert "steps" in results["punt"] and "remasked" in results["self_correct"]
-  saved = json.load(open(os.path.join(wd, "samples", "step_30.json")))
-  assert saved["sampler"] in names and "sample_entropy" in saved
+  # Each sampler's run writes a file of its own; the training run's step_30.* stays.
+  for name, st in results.items():
+    path = os.path.join(wd, "samples", f"step_30-{name}-T4-seed{st['sampling']['seed']}.json")
+    saved = json.load(open(path))
+    assert saved["sampler"] == name and "sample_entropy" in saved
+    assert st["samples_json"] == path
+  trained = json.load(open(os.path.join(wd, "samples", "step_30.json")))
+  assert trained["sampler"] not in cli_names
 
   out_json = os.path.join(wd, "table.json")
   proc = _cli([CFG, f"--workdir={wd}", "--steps=4", f"--output={out_json}"], cache,

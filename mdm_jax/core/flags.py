@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, List
 
+from mdm_jax.core import console
 from mdm_jax.core.config import resolve_config_path
 from mdm_jax.core.errors import ConfigError
 
@@ -67,6 +68,7 @@ def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]
       fail(str(e))
     try:
       args = flags.FLAGS(argv)
+      console.configure(max(0, int(flags.FLAGS.verbosity)) if "verbosity" in flags.FLAGS else 0)
       if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
         _ = list(flags.FLAGS[config_flag].value.keys())   # a bad file raises when first read
       return args

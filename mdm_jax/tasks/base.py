@@ -13,7 +13,10 @@ model is one new file with a ``Task`` subclass registered by ``@TASKS.register(n
 * ``eval_sums(params, batch, key)`` and ``eval_summary(sums)``: sums the trainer adds
   over the eval batches, and the report made of them (``nll`` is the headline number);
 * ``generate(params, config, ...)``: samples and their stats;
-* ``after_eval(params, workdir, step)``: pictures or files a task writes after each eval;
+* ``after_eval(params, workdir, step)``: pictures or files a task writes after each eval
+  (it returns ``{tag: png_path}`` for TensorBoard, or None);
+* ``sample_pictures(result)``: RGB pictures drawn from a ``generate`` result (the masking
+  picture of a sampler's trajectory), written beside the samples;
 * ``COMPAT_KEYS``: the config sections that must match when a run resumes;
 * ``describe()``: one line for the log.
 
@@ -24,6 +27,7 @@ and the registered samplers.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
@@ -34,6 +38,7 @@ import numpy as np
 from mdm_jax.core.registry import Registry
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
+from mdm_jax.pictures.masking import masking_timeline
 from mdm_jax.sampling import generate as generate_lib
 
 TASKS: Registry[Any] = Registry("task", "objective")
@@ -79,8 +84,13 @@ class Task:
                sampler: Optional[str] = None, mesh=None, rules=None, **kwargs):
     raise NotImplementedError
 
-  def after_eval(self, params, workdir: str, step: int) -> None:
+  def after_eval(self, params, workdir: str, step: int) -> Optional[Dict[str, str]]:
     del params, workdir, step
+    return None
+
+  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
+    del result
+    return {}
 
 
 class TokenTask(Task):
@@ -133,6 +143,17 @@ class TokenTask(Task):
             "bits_per_token": nll / math.log(2.0), "eval_tokens": float(sums["tokens"])}
 
   # ---- generation
+  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
+    """The masking picture of sample 0 (rows: sampler steps; columns: every digit of every
+    token; grey masked, orange a partly observed token, green a complete one), when the
+    sampler returned its trajectory (``sampling.masking_picture``)."""
+    traj = getattr(result, "trajectory", None)
+    if traj is None:
+      return {}
+    traj = np.asarray(traj)[:, 0]                         # [steps + 1, L, ell]
+    scale = max(1, min(4, 1024 // max(traj.shape[1] * traj.shape[2], 1)))
+    return {"masking": masking_timeline(traj, self.codec.mask_id, scale=scale)}
+
   def sampler_kwargs(self, sampler: str, config, num_samples: int, seq_len: int,
                      num_steps: int) -> Dict[str, Any]:
     """The static keyword arguments of ``sampler`` for this task."""
@@ -153,6 +174,9 @@ class TokenTask(Task):
     kw = self.sampler_kwargs(sampler, config, n, seq_len, steps)
     kw.update(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
     kw.update(generate_lib.sampler_options(generate_lib.get_sampler(sampler), sc))
+    if (self.objective != "ar" and bool(sc.get("masking_picture", False)) and "return_trajectory"
+        in inspect.signature(generate_lib.get_sampler(sampler)).parameters):
+      kw["return_trajectory"] = True
     return generate_lib.run_sampler(
         self.apply_fn, params, sampler, kw, seed=int(sc.seed if seed is None else seed),
         num_samples=n, seq_len=seq_len, num_steps=steps, mesh=mesh, rules=rules,

@@ -82,5 +82,7 @@ class MaskedDiffusionTask(TokenTask):
   def after_eval(self, params, workdir, step):
     """The decoding-order picture of a per-position schedule (process 0)."""
     summary = self.schedule.order_summary(jax.device_get(params), self.seq_len, step=step)
-    if summary is not None:
-      write_order(summary, workdir)
+    if summary is None:
+      return None
+    _, png = write_order(summary, workdir)
+    return {"order/decoding_order": png}

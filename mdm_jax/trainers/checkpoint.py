@@ -169,8 +169,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0,
                async_save: bool = True, read_only: bool = False,
-               best_metric: Optional[str] = None, barrier_prefix: Optional[str] = None):
-    """``best_metric``: keep the ``max_to_keep`` steps with the lowest value of this
+               best_metric: Optional[str] = None, barrier_prefix: Optional[str] = None,
+               check_free_space: bool = True):
+    """``check_free_space``: compare the free space with the last checkpoint's size
+    before each save (off where a file system's free space means nothing).
+
+    ``best_metric``: keep the ``max_to_keep`` steps with the lowest value of this
     metric (passed to ``save``) instead of the most recent ones.
 
     ``barrier_prefix`` names this manager's cross-process barriers (default: the
@@ -194,8 +198,10 @@ class Checkpointer:
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=self.barrier_prefix), **best)
     self.save_every = save_every
+    self.check_free_space = check_free_space
     self._pending: List[int] = []
     self._last_size = 0
+    self._needed = 0
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
     latest = self._mngr.latest_step()
     if latest is not None:
@@ -253,7 +259,8 @@ class Checkpointer:
     self._remove_partial()
     text = f"{type(e).__name__}: {e}"
     if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text:
-      raise self._space_error(self._last_size, " (the last save failed: no space left)") from e
+      raise self._space_error(self._last_size or self._needed,
+                              " (the last save failed: no space left)") from e
     first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
     raise CheckpointError(f"Saving a checkpoint in {self.directory} failed: "
                           f"{type(e).__name__}: {first[:300]}") from e
@@ -279,9 +286,9 @@ class Checkpointer:
            metrics: Optional[Dict[str, float]] = None) -> bool:
     if self._pending:
       self.wait()
-    if self.is_primary and os.path.isdir(self.directory):
-      needed = self._last_size or sum(
-          int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+    needed = self._last_size or sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+    self._needed = needed
+    if self.check_free_space and self.is_primary and os.path.isdir(self.directory):
       if shutil.disk_usage(self.directory).free < needed * 1.05 + _MIB:
         raise self._space_error(needed)
     items = {"state": ocp.args.StandardSave(state)}

@@ -442,7 +442,8 @@ def _checkpointer(workdir: str, config, read_only: bool = False):
   return ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                max_to_keep=int(config.checkpoint.max_to_keep),
                                async_save=bool(config.checkpoint.async_save) and not read_only,
-                               read_only=read_only)
+                               read_only=read_only,
+                               check_free_space=bool(config.checkpoint.check_free_space))
 
 
 def _build(config):

@@ -11,7 +11,7 @@ import jax
 from mdm_jax.core.config import from_dict, to_dict
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.metrics.gen_ppl import Scorer
-from mdm_jax.trainers.samples import sample_and_write
+from mdm_jax.trainers.samples import sample_and_write, sample_file_name
 from mdm_jax.trainers.setup import restore_for_inference
 from mdm_jax.trainers.steps import evaluate, make_eval_step
 
@@ -35,7 +35,9 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
 
 def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> Dict[str, Any]:
   """Samples from the checkpoint in ``workdir`` (``sampling.*``; ``num_steps`` overrides
-  ``sampling.num_steps``) and writes them under ``workdir/samples/``."""
+  ``sampling.num_steps``) and writes them under ``workdir/samples/`` in files named by
+  step, sampler, steps and seed (``samples.sample_file_name``), never over the training
+  run's ``step_N.*``."""
   task, state, mesh, rules, data, _ = restore_for_inference(config, workdir)
   if num_steps:
     config = config.unlock() if hasattr(config, "unlock") else config
@@ -43,7 +45,9 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
   params = state.ema_params if config.sampling.use_ema else state.params
   out = sample_and_write(task, params, config, data, workdir, int(state.step), mesh=mesh,
                          rules=rules, write=jax.process_index() == 0,
-                         scorer=scorer_from_config(config))
+                         scorer=scorer_from_config(config),
+                         name=sample_file_name(config, int(state.step),
+                                               os.path.join(workdir, "samples")))
   out.pop("texts", None)
   return out
 

@@ -26,6 +26,7 @@ from mdm_jax.core.config import save_config, to_dict
 from mdm_jax.trainers import checkpoint as ckpt_lib
 from mdm_jax.trainers.inference import scorer_from_config
 from mdm_jax.trainers.preemption import Preempted, Preemption
+from mdm_jax.trainers.profiling import StepProfiler
 from mdm_jax.trainers.samples import sample_and_write
 from mdm_jax.trainers.setup import BEST_DIR, CHECKPOINT_DIR, build_run
 from mdm_jax.trainers.state import init_state, nonfinite_parts
@@ -71,14 +72,16 @@ def _train(config, workdir: str, lock: WorkdirLock) -> Dict[str, Any]:
   cfg_dict = to_dict(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                max_to_keep=int(config.checkpoint.max_to_keep),
-                               async_save=bool(config.checkpoint.async_save))
+                               async_save=bool(config.checkpoint.async_save),
+                               check_free_space=bool(config.checkpoint.check_free_space))
   best_ckpt = None
   try:
     if int(config.checkpoint.keep_best):
       best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
                                         max_to_keep=int(config.checkpoint.keep_best),
                                         async_save=bool(config.checkpoint.async_save),
-                                        best_metric="eval_nll")
+                                        best_metric="eval_nll",
+                                        check_free_space=bool(config.checkpoint.check_free_space))
     if ckpt.latest_step() is not None:
       abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
       state, _ = ckpt.restore_intact(
@@ -106,7 +109,8 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
                                    jax.process_index(), jax.process_count())
   num_steps = int(config.training.num_steps)
   start = int(state.step)
-  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start,
+                         wandb=config.get("wandb"), config_dict=cfg_dict)
   progress = Progress(num_steps, start, int(config.training.batch_size) * task.seq_len,
                       enabled=is_main)
   bs = shd.batch_sharding(mesh)
@@ -120,8 +124,12 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
   def do_sample(s, step):
     if not is_main and jax.process_count() == 1:
       return
-    sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params, config,
-                     data, workdir, step, mesh=mesh, rules=rules, write=is_main, scorer=scorer)
+    out = sample_and_write(task, eval_params(s) if config.sampling.use_ema else s.params,
+                           config, data, workdir, step, mesh=mesh, rules=rules, write=is_main,
+                           scorer=scorer)
+    writer.write_samples(step, out)
+    last_files.update({k: v for k, v in out.items()
+                       if k.endswith(("_txt", "_png", "_json")) and isinstance(v, str)})
 
   def do_eval(s):
     return evaluate(eval_step, task, eval_params(s), eval_batches, mesh, int(config.eval.seed))
@@ -130,14 +138,18 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
     _check_finite(s, step, ckpt)
     ckpt.save(step, s, train_iter, cfg_dict, force=force)
 
+  last_files: Dict[str, str] = {}
+  profiler = StepProfiler(config.get("profile"), workdir, start, log=progress.message)
   metrics = None
   try:
     with jax.set_mesh(mesh):
       for step in range(start, num_steps):
         batch = next(train_iter)
         gb = {k: shd.global_batch(v, bs) for k, v in batch.items()}
-        state, metrics = train_step(state, gb)
         done = step + 1
+        with profiler.step(done):
+          state, metrics = train_step(state, gb)
+        profiler.after(done, state)
         ckpt.poll()
         if done % int(config.training.log_every) == 0 or done == num_steps:
           lock.heartbeat()
@@ -160,7 +172,7 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
               "message", f"nll {last_eval['nll']:.4f} nats/token, "
               f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
           if is_main:
-            task.after_eval(eval_params(state), workdir, done)
+            writer.write_images(done, task.after_eval(eval_params(state), workdir, done) or {})
           if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
             _check_finite(state, done, ckpt)
             best_ckpt.save(done, state, None, cfg_dict, force=True,
@@ -183,6 +195,7 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
         last_eval = do_eval(state)
       do_sample(state, num_steps)
   finally:
+    profiler.stop()
     writer.close()
   result = {"step": int(state.step), **{f"eval_{k}": v for k, v in last_eval.items()}}
   if metrics is not None:
@@ -190,4 +203,9 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
   if is_main:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
+    files = sorted({os.path.relpath(p, workdir) for p in last_files.values()})
+    progress.message(
+        f"Wrote {workdir}: checkpoints/{ckpt.latest_step()}, {', '.join(files + ['metrics.jsonl'])}"
+        f", final_metrics.json; curves, samples and pictures: tensorboard --logdir "
+        f"{os.path.join(workdir, 'tensorboard')}")
   return result

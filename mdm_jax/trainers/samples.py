@@ -8,6 +8,7 @@ generative perplexity.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Dict, Optional
@@ -15,6 +16,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from mdm_jax.metrics.gen_ppl import score_texts
+from mdm_jax.pictures.pixels import write_png
 
 
 def sample_and_write(task, params, config, data, workdir: str, step: int, *, mesh=None,
@@ -35,9 +37,46 @@ def sample_and_write(task, params, config, data, workdir: str, step: int, *, mes
     scored = score_texts(scorer, texts)
     stats.update(gen_ppl=scored["gen_ppl"], gen_nats_per_char=scored["nats_per_char"],
                  gen_entropy=scored["entropy"], scorer=scored["scorer"])
+  stats["sampling"] = sampling_settings(config)
   if write:
     header = f"step {step}, {stats['sampler']}, T={stats['num_steps']}"
-    stats.update(data.write_samples(tokens, texts, stats, os.path.join(workdir, "samples"),
-                                    name or f"step_{step}", header=header))
+    out_dir = os.path.join(workdir, "samples")
+    stats.update(data.write_samples(tokens, texts, stats, out_dir, name or f"step_{step}",
+                                    header=header))
+    for key, picture in task.sample_pictures(res).items():
+      stats[f"{key}_png"] = write_png(os.path.join(out_dir, f"{name or f'step_{step}'}_{key}.png"),
+                                      picture)
     print(data.show_samples(texts, stats, header), file=sys.stderr, flush=True)
   return {"texts": texts, **stats}
+
+
+def sampling_settings(config) -> Dict[str, Any]:
+  """The ``sampling`` block as plain values (written into each samples JSON)."""
+  block = config.sampling
+  block = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in block.items()}
+
+
+def sample_file_name(config, step: int, out_dir: str) -> str:
+  """``step_N-SAMPLER-TSTEPS-seedS``: the name ``--mode=sample`` writes under ``samples/``.
+
+  Two samplers (or step counts, or seeds) on one checkpoint write two files, and neither
+  replaces the training run's ``step_N.*``.  Where a file of that name was written with
+  other sampling settings (top-p, temperature, ...), ``-2``, ``-3``... is appended; the
+  same settings again give the same samples and reuse the name.
+  """
+  s = config.sampling
+  base = f"step_{int(step)}-{s.sampler}-T{int(s.num_steps)}-seed{int(s.seed)}"
+  settings = json.loads(json.dumps(sampling_settings(config)))
+  name, k = base, 2
+  while True:
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+      return name
+    try:
+      with open(path) as f:
+        if json.load(f).get("sampling") == settings:
+          return name
+    except (OSError, ValueError):
+      pass
+    name, k = f"{base}-{k}", k + 1

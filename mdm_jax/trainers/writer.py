@@ -1,18 +1,80 @@
-"""Metrics to JSONL and TensorBoard, and a progress line with rates and ETA."""
+"""Metrics to JSONL, TensorBoard and (optionally) Weights & Biases; a progress line.
+
+Scalars go to ``metrics.jsonl`` and TensorBoard; pictures (sample grids, masking and
+decoding-order pictures, already written as PNG files) and sample texts go to
+TensorBoard's Images and Text tabs, and to wandb when ``wandb.enabled`` is set.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import struct
 import sys
 import time
-from typing import Dict, Optional
+import uuid
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 
+from mdm_jax.core.errors import ConfigError
+
+
+def png_summary(tag: str, png: bytes):
+  """A TensorBoard image summary of an encoded PNG (no decoding, no re-encoding)."""
+  from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=import-outside-toplevel
+  if png[:8] != b"\x89PNG\r\n\x1a\n":
+    raise ValueError(f"{tag}: not a PNG file")
+  width, height = struct.unpack(">II", png[16:24])
+  colorspace = {0: 1, 2: 3, 4: 2, 6: 4}.get(png[25], 3)   # grey, RGB, grey+alpha, RGBA
+  image = Summary.Image(height=height, width=width, colorspace=colorspace,
+                        encoded_image_string=png)
+  return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+class WandbWriter:
+  """The optional experiment tracker (``config.wandb``; ``pip install 'mdm_jax[wandb]'``).
+
+  The run's id is kept in ``workdir/wandb_id.txt`` so that a resumed run continues the same
+  wandb run; ``wandb.mode = "offline"`` writes under ``workdir/wandb`` for a later
+  ``wandb sync``.
+  """
+
+  def __init__(self, workdir: str, settings: Mapping[str, Any], config_dict: Optional[dict]):
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ConfigError("wandb.enabled=True needs the wandb package: pip install "
+                        "'mdm_jax[wandb]' (or set --config.wandb.enabled=False).") from e
+    self._wandb = wandb
+    id_path = os.path.join(workdir, "wandb_id.txt")
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else uuid.uuid4().hex[:12]
+    with open(id_path, "w") as f:
+      f.write(run_id + "\n")
+    self.run = wandb.init(
+        project=str(settings.get("project") or "mdm_jax"), entity=settings.get("entity") or None,
+        name=settings.get("name") or os.path.basename(workdir.rstrip("/")),
+        mode=str(settings.get("mode") or "online"), dir=workdir, id=run_id, resume="allow",
+        config=config_dict or {}, settings=wandb.Settings(console="off", silent=True))
+
+  def scalars(self, step: int, scalars: Dict[str, float]) -> None:
+    self.run.log(dict(scalars), step=int(step))
+
+  def images(self, step: int, images: Dict[str, str]) -> None:
+    self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=int(step))
+
+  def texts(self, step: int, texts: Dict[str, str]) -> None:
+    self.run.log({k: self._wandb.Html(f"<pre>{html.escape(t)}</pre>") for k, t in texts.items()},
+                 step=int(step))
+
+  def close(self) -> None:
+    self.run.finish()
+
 
 class MetricsWriter:
-  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files.
+  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files, and pictures
+  and texts to TensorBoard (and wandb, with ``wandb``: the config's ``wandb`` block).
 
   ``resume_step``: the step the run continues from.  Lines of ``metrics.jsonl`` written
   after it (by the interrupted run, for steps that are now trained again) get
@@ -20,10 +82,12 @@ class MetricsWriter:
   TensorBoard purges them.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: Optional[int] = None,
+               wandb: Optional[Mapping[str, Any]] = None, config_dict: Optional[dict] = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._wandb: Optional[WandbWriter] = None
     self.superseded = 0
     if not enabled:
       return
@@ -40,6 +104,8 @@ class MetricsWriter:
                                purge_step=resume_step or None)
     except ImportError:  # optional
       logging.warning("tensorboardX is not installed; writing metrics.jsonl only.")
+    if wandb is not None and wandb.get("enabled"):
+      self._wandb = WandbWriter(workdir, wandb, config_dict)
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.enabled:
@@ -51,12 +117,50 @@ class MetricsWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.scalars(step, scalars)
+
+  def write_images(self, step: int, images: Mapping[str, str]) -> None:
+    """``images``: tag -> path of a PNG file (a sample grid, a masking or order picture)."""
+    images = {k: p for k, p in images.items() if p and os.path.exists(p)}
+    if not self.enabled or not images:
+      return
+    if self._tb is not None:
+      fw = self._tb._get_file_writer()  # pylint: disable=protected-access
+      for tag, path in images.items():
+        with open(path, "rb") as f:
+          fw.add_summary(png_summary(tag, f.read()), int(step))
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.images(step, images)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """``texts``: tag -> text (shown preformatted in TensorBoard's Text tab)."""
+    if not self.enabled or not texts:
+      return
+    if self._tb is not None:
+      for tag, text in texts.items():   # Markdown: indented lines are shown verbatim
+        self._tb.add_text(tag, "\n".join("    " + l for l in text.splitlines()), int(step))
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.texts(step, dict(texts))
+
+  def write_samples(self, step: int, out: Mapping[str, Any], max_texts: int = 4) -> None:
+    """What ``sample_and_write`` returned: its PNG files as images, its texts as text."""
+    self.write_images(step, {f"samples/{k[:-len('_png')]}": v for k, v in out.items()
+                             if k.endswith("_png") and isinstance(v, str)})
+    texts = list(out.get("texts") or [])[:max_texts]
+    if texts:
+      self.write_texts(step, {"samples/text": "\n\n".join(
+          f"--- sample {i} ---\n{t}" for i, t in enumerate(texts))})
 
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+    if self._wandb:
+      self._wandb.close()
 
 
 def mark_superseded(path: str, last_step: int) -> int:
