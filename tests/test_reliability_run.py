@@ -49,7 +49,10 @@ def test_interrupt_mid_loop_finishes_the_save_in_progress(tmp_path):
 
 def test_second_run_on_a_workdir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
   workdir = str(tmp_path / "run")
-  first = _start_and_wait(workdir, 3, f"--config.training.num_steps={10 * STEPS}")
+  # The holder saves no checkpoint before it is killed (however fast it runs meanwhile),
+  # so the run that takes the lock over trains steps 1..STEPS itself.
+  first = _start_and_wait(workdir, 3, f"--config.training.num_steps={10 * STEPS}",
+                          f"--config.checkpoint.every_steps={100 * STEPS}")
   second = _run(workdir, check=False)
   assert second.returncode == 2
   assert f"in use by another run: pid {first.pid}" in second.stderr

@@ -30,7 +30,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdm_jax.core import distributed
+from mdm_jax.core import distributed, paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
 from mdm_jax.data import array_record
@@ -138,8 +138,8 @@ def main(argv):
   distributed.dump_stacks_on_signal()
   distributed.maybe_initialize()
   config = _CONFIG.value
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   try:
+    workdir = paths.resolve(_WORKDIR.value)   # a scheme nothing handles fails here
     if _MODE.value == "train":
       result = loop.train_and_evaluate(config, workdir)
     elif _MODE.value == "distill":   # Di[M]O one-step generator (mdm_jax/trainers/distill.py)
@@ -162,7 +162,7 @@ def main(argv):
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
-    free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0
+    free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0  # local
     print(f"error: No space left on {e.filename or workdir}: {free:.0f} MiB free in {workdir}. "
           "Free space and re-run the same command; training resumes from its last checkpoint.",
           file=sys.stderr)

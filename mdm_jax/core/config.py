@@ -14,11 +14,13 @@ import importlib.util
 import inspect
 import json
 import os
+import tempfile
 from typing import Any, Dict, List, Optional
 
 import ml_collections
 
 from mdm_jax.configs.base import get_base_config
+from mdm_jax.core import paths
 from mdm_jax.core.errors import ConfigError
 
 CONFIGS_PACKAGE = "mdm_jax.configs"
@@ -48,6 +50,16 @@ def resolve_config_path(spec: str) -> str:
   (``shakespeare_prime``, ``shakespeare_prime.py`` or ``configs/shakespeare_prime.py``
   from another directory).  Raises ``ConfigError`` naming the packaged configs.
   """
+  if paths.is_remote(spec):   # gs://BUCKET/file.py[:ARGS]: read from a local copy
+    scheme = paths.scheme(spec)
+    path, sep, arg = spec[len(scheme) + 3:].partition(":")
+    remote = f"{scheme}://{path}"
+    paths.check_backend(remote)
+    if not paths.exists(remote):
+      raise ConfigError(f"--config={spec}: no config file at {remote}.")
+    local = os.path.join(tempfile.mkdtemp(prefix="mdm_jax_config_"), paths.basename(remote))
+    paths.download(remote, local)
+    return local + sep + arg
   path, sep, arg = spec.partition(":")
   if os.path.isfile(os.path.expanduser(path)):
     return spec
@@ -138,7 +150,6 @@ def save_config(config, workdir: str, is_main: bool = True) -> Optional[str]:
   """Writes ``workdir/config.json`` (the resolved config of the run) on the main process."""
   if not is_main:
     return None
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  path = paths.join(workdir, "config.json")
+  paths.atomic_write(path, config.to_json_best_effort(indent=2))
   return path

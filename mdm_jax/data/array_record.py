@@ -32,6 +32,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -40,6 +41,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from mdm_jax.core import paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.data import corpora
 from mdm_jax.data import text as text_lib
@@ -566,6 +568,8 @@ def _decode_example(record: bytes, seq_len: int) -> Dict[str, np.ndarray]:
 
 
 def _interrupted_prepares(path: str) -> List[str]:
+  if paths.is_remote(path):
+    return []
   return sorted(glob.glob(glob.escape(path) + TMP_MARKER + "*"))
 
 
@@ -577,23 +581,22 @@ def read_metadata(path: str) -> Dict[str, Any]:
       leftover ``PATH.tmp-*`` of an interrupted prepare is named), or
       missing shard / tokenizer files.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.resolve(path)
   leftovers = _interrupted_prepares(path)
   leftover_hint = (f" {leftovers[0]} is left from a prepare that was interrupted before it "
                    "finished: delete it and run prepare again." if leftovers else "")
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise IncompleteDatasetError(
         f"data.path={path} does not exist.{leftover_hint} Write the dataset with "
         f"{_PREPARE_HINT}.")
-  meta_path = os.path.join(path, METADATA_FILE)
-  if not os.path.isfile(meta_path):
-    state = "is empty" if not os.listdir(path) else f"has no {METADATA_FILE}"
+  meta_path = paths.join(path, METADATA_FILE)
+  if not paths.exists(meta_path):
+    state = "is empty" if not paths.listdir(path) else f"has no {METADATA_FILE}"
     raise IncompleteDatasetError(
         f"data.path={path} {state}: it is not a complete dataset written by prepare.{leftover_hint}"
         f" Write it with {_PREPARE_HINT}.")
   try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(meta_path))
   except (OSError, ValueError) as e:
     raise IncompleteDatasetError(f"{meta_path} is unreadable ({_one_line(e)}): prepare the "
                                  "dataset again.") from e
@@ -608,7 +611,8 @@ def read_metadata(path: str) -> Dict[str, Any]:
     files.append(meta["tokenizer"]["file"])
   except (KeyError, TypeError) as e:
     raise IncompleteDatasetError(f"{meta_path} lacks {e}: prepare the dataset again.") from e
-  missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+  present = set(paths.listdir(path))
+  missing = [f for f in files if f not in present]
   if missing:
     raise IncompleteDatasetError(f"data.path={path} is incomplete: {len(missing)} file(s) named "
                                  f"in {METADATA_FILE} are missing ({', '.join(missing[:3])}"
@@ -630,11 +634,17 @@ class ArrayRecordData(Data):
   """
 
   def __init__(self, path: str):
-    self.path = os.path.abspath(os.path.expanduser(path))
+    self.path = paths.resolve(path)
     self.metadata = read_metadata(self.path)
     self.seq_len = int(self.metadata["seq_len"])
-    self.tokenizer = tokenizers_lib.load_tokenizer(
-        os.path.join(self.path, self.metadata["tokenizer"]["file"]))
+    tok_file = paths.join(self.path, self.metadata["tokenizer"]["file"])
+    if paths.is_remote(tok_file):
+      with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, paths.basename(tok_file))
+        paths.download(tok_file, local)
+        self.tokenizer = tokenizers_lib.load_tokenizer(local)
+    else:
+      self.tokenizer = tokenizers_lib.load_tokenizer(tok_file)
     if self.tokenizer.fingerprint() != self.metadata["tokenizer"]["fingerprint"]:
       raise IncompleteDatasetError(f"{self.path}/{TOKENIZER_FILE} is not the tokenizer the "
                                    "sequences were encoded with: prepare the dataset again.")
@@ -644,9 +654,11 @@ class ArrayRecordData(Data):
 
   def _open(self, split: str) -> grain.sources.ArrayRecordDataSource:
     info = self.metadata["splits"][split]
-    paths = [os.path.join(self.path, s["file"]) for s in info["shards"]]
+    # gs:// shards are read by ArrayRecord's own Cloud Storage client (google-cloud-cpp;
+    # CLOUD_STORAGE_EMULATOR_ENDPOINT points it at an emulator).
+    shard_paths = [paths.join(self.path, s["file"]) for s in info["shards"]]
     try:
-      source = grain.sources.ArrayRecordDataSource(paths)
+      source = grain.sources.ArrayRecordDataSource(shard_paths)
     except Exception as e:  # pylint: disable=broad-except
       raise IncompleteDatasetError(f"Cannot read the {split} shards of {self.path} "
                                    f"({_one_line(e)}): prepare the dataset again.") from e

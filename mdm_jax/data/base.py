@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mdm_jax.configs.base import get_base_config
+from mdm_jax.core import paths
 from mdm_jax.core.config import merge_block
 from mdm_jax.core.registry import Registry
 
@@ -68,13 +69,13 @@ class Data:
                     out_dir: str, name: str, header: str = "") -> Dict[str, Any]:
     """Writes ``out_dir/name.txt`` (the texts) and ``out_dir/name.json`` (stats + texts)."""
     del tokens
-    os.makedirs(out_dir, exist_ok=True)
-    txt = os.path.join(out_dir, f"{name}.txt")
-    with open(txt, "w") as f:
+    paths.makedirs(out_dir)
+    txt = paths.join(out_dir, f"{name}.txt")
+    with paths.open(txt, "w") as f:
       for i, t in enumerate(texts):
         f.write(f"===== sample {i} ({header}) =====\n{t}\n\n")
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path, "w") as f:
+    path = paths.join(out_dir, f"{name}.json")
+    with paths.open(path, "w") as f:
       json.dump({**stats, "texts": list(texts)}, f, indent=2)
     return {"samples_txt": txt, "samples_json": path}
 

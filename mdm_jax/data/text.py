@@ -24,6 +24,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from mdm_jax.core import paths
 from mdm_jax.data import corpora
 from mdm_jax.data import token_order as token_order_lib
 from mdm_jax.data import tokenizers as tokenizers_lib
@@ -36,7 +37,7 @@ TOKENS_META_FILE = "tokens_meta.json"
 
 
 def _cache_dir(workdir: Optional[str]) -> Optional[str]:
-  return os.path.join(workdir, "tokenizer") if workdir else None
+  return paths.join(workdir, "tokenizer") if workdir else None
 
 
 def _tokens_key(text: str, tokenizer: tokenizers_lib.Tokenizer, data_config) -> str:
@@ -48,16 +49,15 @@ def _tokens_key(text: str, tokenizer: tokenizers_lib.Tokenizer, data_config) -> 
 
 
 def _load_cached_tokens(cache_dir: str, key: str) -> Optional[np.ndarray]:
-  meta_path = os.path.join(cache_dir, TOKENS_META_FILE)
-  tokens_path = os.path.join(cache_dir, TOKENS_FILE)
-  if not (os.path.isfile(meta_path) and os.path.isfile(tokens_path)):
+  meta_path = paths.join(cache_dir, TOKENS_META_FILE)
+  tokens_path = paths.join(cache_dir, TOKENS_FILE)
+  if not (paths.exists(meta_path) and paths.exists(tokens_path)):
     return None
   try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
+    meta = json.loads(paths.read_text(meta_path))
     if meta.get("key") != key:
       return None
-    tokens = np.load(tokens_path, allow_pickle=False)
+    tokens = np.load(io.BytesIO(paths.read_bytes(tokens_path)), allow_pickle=False)
   except (OSError, ValueError) as e:
     logging.warning("Ignoring the unreadable token cache in %s: %s", cache_dir, e)
     return None
@@ -72,8 +72,8 @@ def _save_tokens(cache_dir: str, key: str, tokens: np.ndarray) -> None:
   buf = io.BytesIO()
   np.save(buf, tokens, allow_pickle=False)
   try:
-    tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_FILE), buf.getvalue())
-    tokenizers_lib.atomic_write(os.path.join(cache_dir, TOKENS_META_FILE),
+    tokenizers_lib.atomic_write(paths.join(cache_dir, TOKENS_FILE), buf.getvalue())
+    tokenizers_lib.atomic_write(paths.join(cache_dir, TOKENS_META_FILE),
                                 json.dumps({"key": key, "num_tokens": int(len(tokens))}))
   except OSError as e:
     print(f"warning: the token cache was not written in {cache_dir} ({e}); the next run "
@@ -85,12 +85,11 @@ ORDER_TEXT_FILE = "token_order.txt"
 
 
 def _load_cached_order(cache_dir: str, key: str, vocab_size: int) -> Optional[np.ndarray]:
-  path = os.path.join(cache_dir, ORDER_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(cache_dir, ORDER_FILE)
+  if not paths.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
     order = np.asarray(saved["order"], np.int64)
   except (OSError, ValueError, KeyError, TypeError) as e:
     logging.warning("Ignoring the unreadable vocabulary order %s (%s): recomputing it.", path, e)
@@ -150,11 +149,11 @@ def apply_token_order(data_config, tokenizer: tokenizers_lib.Tokenizer, train: n
                  vocab_size, kind, time.time() - start)
   reordered = tokenizers_lib.ReorderedTokenizer(tokenizer, order, kind)
   if cache_dir and not cached:
-    os.makedirs(cache_dir, exist_ok=True)
-    tokenizers_lib.atomic_write(os.path.join(cache_dir, ORDER_FILE), json.dumps(
+    paths.makedirs(cache_dir)
+    tokenizers_lib.atomic_write(paths.join(cache_dir, ORDER_FILE), json.dumps(
         {"key": key, "order_kind": kind, "order": order.tolist()}))
     lines = [f"{i}\t{int(old)}\t{tokenizer.decode([int(old)])!r}" for i, old in enumerate(order)]
-    tokenizers_lib.atomic_write(os.path.join(cache_dir, ORDER_TEXT_FILE),
+    tokenizers_lib.atomic_write(paths.join(cache_dir, ORDER_TEXT_FILE),
                                 "new id\told id\ttoken\n" + "\n".join(lines) + "\n")
     logging.info("Wrote the vocabulary order to %s (%s lists the tokens in their new order).",
                  cache_dir, ORDER_TEXT_FILE)

@@ -20,12 +20,14 @@ import json
 import os
 import pathlib
 import re
+import tempfile
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
 
+from mdm_jax.core import paths
 from mdm_jax.data import token_order as token_order_lib
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -51,8 +53,12 @@ IdsLike = Union[Sequence[int], np.ndarray, Any]
 def atomic_write(path: str, data: Union[str, bytes]) -> None:
   """Writes ``data`` to ``path`` via a unique temporary file and an atomic rename.
 
-  Several processes may write the same (identical) file concurrently.
+  Several processes may write the same (identical) file concurrently.  A bucket path
+  (``gs://``) is written as one whole object.
   """
+  if paths.is_remote(path):
+    paths.atomic_write(path, data, "wb" if isinstance(data, bytes) else "w")
+    return
   tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex}"
   mode = "wb" if isinstance(data, bytes) else "w"
   try:
@@ -466,23 +472,28 @@ def build_tokenizer(data_config, text: str, cache_dir: Optional[str] = None) -> 
   settings = tokenizer_settings(data_config)
   kind = settings["tokenizer"]
   if cache_dir:
-    tok_path = os.path.join(cache_dir, TOKENIZER_FILE)
-    meta_path = os.path.join(cache_dir, META_FILE)
-    if os.path.isfile(tok_path) and os.path.isfile(meta_path):
-      with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    tok_path = paths.join(cache_dir, TOKENIZER_FILE)
+    meta_path = paths.join(cache_dir, META_FILE)
+    if paths.exists(tok_path) and paths.exists(meta_path):
+      meta = json.loads(paths.read_text(meta_path))
       if meta.get("settings") == settings:
-        tok = load_tokenizer(tok_path)
+        if paths.is_remote(tok_path):
+          with tempfile.TemporaryDirectory() as d:
+            paths.download(tok_path, os.path.join(d, TOKENIZER_FILE))
+            tok = load_tokenizer(os.path.join(d, TOKENIZER_FILE))
+        else:
+          tok = load_tokenizer(tok_path)
         logging.info("Loaded the %s tokenizer (vocab %d) from %s.", kind, tok.vocab_size, tok_path)
         return tok
       logging.warning("The tokenizer saved in %s was built with %s, not %s: rebuilding it.",
                       cache_dir, meta.get("settings"), settings)
   tok = TOKENIZERS[kind].build(data_config, text)
   if cache_dir:
-    os.makedirs(cache_dir, exist_ok=True)
-    tok.save(os.path.join(cache_dir, TOKENIZER_FILE))
+    paths.makedirs(cache_dir)
+    with paths.local_copy_for_write(paths.join(cache_dir, TOKENIZER_FILE)) as local:
+      tok.save(local)
     meta = {"kind": kind, "settings": settings, "vocab_size": tok.vocab_size,
             "fingerprint": tok.fingerprint()}
-    atomic_write(os.path.join(cache_dir, META_FILE), json.dumps(meta, indent=2))
+    atomic_write(paths.join(cache_dir, META_FILE), json.dumps(meta, indent=2))
     logging.info("Saved the %s tokenizer (vocab %d) to %s.", kind, tok.vocab_size, cache_dir)
   return tok

@@ -7,12 +7,12 @@ how they moved over the steps written so far.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Any, Dict, Tuple
 
 import numpy as np
+
+from mdm_jax.core import paths
 
 from mdm_jax.pictures.pixels import write_png
 
@@ -25,24 +25,24 @@ def write_order(summary: Dict[str, Any], workdir: str) -> Tuple[str, str]:
   at every step written so far, and (bottom) this step's mean unmasking time
   and mean decoding rank against position.
   """
-  d = os.path.join(workdir, "order")
-  os.makedirs(d, exist_ok=True)
+  d = paths.join(workdir, "order")
+  paths.makedirs(d)
   summ = summary
   step, length = int(summ["step"]), int(summ["seq_len"])
-  jpath = os.path.join(d, f"step_{step}.json")
-  with open(jpath, "w") as f:
+  jpath = paths.join(d, f"step_{step}.json")
+  with paths.open(jpath, "w") as f:
     json.dump(summ, f)
   history = []
-  for p in glob.glob(os.path.join(d, "step_*.json")):
+  for p in paths.glob(d, "step_*.json"):
     try:
-      with open(p) as f:
+      with paths.open(p) as f:
         h = json.load(f)
     except (OSError, ValueError):
       continue
     if len(h.get("mean_unmask_time", [])) == length:
       history.append((int(h["step"]), h["mean_unmask_time"]))
   history.sort()
-  ppath = os.path.join(d, f"step_{step}.png")
+  ppath = paths.join(d, f"step_{step}.png")
   _plot_order(summ, history, ppath)
   return jpath, ppath
 
@@ -74,7 +74,8 @@ def _plot_order(summ, history, path):
   ax2.set_ylabel("mean decode rank (0 = first)", color="tab:red")
   ax1.set_title(f"step {summ['step']}")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 

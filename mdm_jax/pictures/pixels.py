@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 
+from mdm_jax.core import paths
+
 
 # ------------------------------------------------------------------ quantisation
 def quantize(x: np.ndarray, num_levels: int) -> np.ndarray:
@@ -82,15 +84,16 @@ def image_grid(images: np.ndarray, ncols: int = 0, pad: int = 1, scale: int = 1)
 
 
 def write_png(path: str, image: np.ndarray) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
+  if not paths.is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with paths.open(path, "wb") as f:
     f.write(encode_png(image))
   return path
 
 
 def read_png(path: str) -> np.ndarray:
   """Reads an 8-bit grey or RGB, non-interlaced PNG written by ``encode_png`` (filter 0 rows)."""
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     b = f.read()
   assert b[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
   i, idat, w, h, color = 8, b"", 0, 0, 0

@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mdm_jax.configs.base import get_base_config
+from mdm_jax.core import paths
 from mdm_jax.core.config import flatten, to_dict
 from mdm_jax.data import COMPAT_KEYS as DATA_COMPAT_KEYS, STREAM_KEYS as DATA_STREAM_KEYS
 from mdm_jax.networks import RUNTIME_KEYS
@@ -57,7 +58,11 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 _MIB = 2 ** 20
 
 
-def _crc32(path: str) -> str:
+def _checksum(path: str) -> str:
+  """CRC-32 of a local file (hex), read in 1 MiB chunks; for an object in a bucket, the
+  CRC32C the server computed and verified at upload (``crc32c:...``; nothing is read)."""
+  if paths.is_remote(path):
+    return f"crc32c:{paths.object_info(path)['crc32c']}"
   crc = 0
   with open(path, "rb") as f:
     while True:
@@ -69,50 +74,43 @@ def _crc32(path: str) -> str:
 
 
 def _files_under(step_dir: str) -> List[str]:
-  out = []
-  for d, _, files in os.walk(step_dir):
-    for f in files:
-      rel = os.path.relpath(os.path.join(d, f), step_dir)
-      if rel != MANIFEST and not rel.endswith(".tmp"):
-        out.append(rel)
-  return sorted(out)
+  return [rel for rel in paths.walk_files(step_dir)
+          if rel != MANIFEST and not rel.endswith(".tmp")]
 
 
 def write_manifest(step_dir: str) -> str:
-  """Writes ``step_dir/mdm_jax_checksums.json`` (size and CRC-32 of every file), atomically."""
-  files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc32(os.path.join(step_dir, rel))]
+  """Writes ``step_dir/mdm_jax_checksums.json`` (size and checksum of every file), atomically."""
+  files = {rel: [paths.getsize(paths.join(step_dir, rel)), _checksum(paths.join(step_dir, rel))]
            for rel in _files_under(step_dir)}
-  path = os.path.join(step_dir, MANIFEST)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"format": 1, "files": files}, f)
-  os.replace(path + ".tmp", path)
-  return path
+  return paths.atomic_write(paths.join(step_dir, MANIFEST),
+                            json.dumps({"format": 1, "files": files}))
 
 
 def verify_step_dir(step_dir: str) -> Optional[str]:
   """None when every file matches the manifest; "unverified" when there is no manifest;
   otherwise the reason the step is damaged (the first file that differs)."""
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+  path = paths.join(step_dir, MANIFEST)
+  if not paths.exists(path):
     return "unverified"
   try:
-    with open(path) as f:
-      files = json.load(f)["files"]
+    files = json.loads(paths.read_text(path))["files"]
   except (OSError, ValueError, KeyError) as e:
     return f"its checksum file is unreadable ({e})"
   for rel, (size, crc) in sorted(files.items()):
-    full = os.path.join(step_dir, rel)
-    if not os.path.exists(full):
+    full = paths.join(step_dir, rel)
+    if not paths.exists(full):
       return f"{rel} is missing"
-    actual = os.path.getsize(full)
+    actual = paths.getsize(full)
     if actual != size:
       return f"{rel} has {actual} bytes, {size} were written"
-    if _crc32(full) != crc:
+    if _checksum(full) != crc:
       return f"{rel} does not match its checksum"
   return None
 
 
 def dir_bytes(path: str) -> int:
+  if paths.is_remote(path):
+    return sum(paths.getsize(paths.join(path, rel)) for rel in paths.walk_files(path))
   total = 0
   for d, _, files in os.walk(path):
     for f in files:
@@ -183,9 +181,10 @@ class Checkpointer:
     multi-process job (``checkpoints/`` and ``checkpoints_best/`` after an eval) would
     otherwise meet at each other's barriers and hang or fail.  It must be the same in
     every process and differ between managers that save concurrently."""
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
+    self.remote = paths.is_remote(self.directory)
     if barrier_prefix is None:
-      barrier_prefix = os.path.basename(self.directory.rstrip(os.sep)) or "ckpt"
+      barrier_prefix = paths.basename(self.directory.rstrip(os.sep)) or "ckpt"
     self.barrier_prefix = re.sub(r"[^A-Za-z0-9_]", "_", barrier_prefix)
     best = {}
     if best_metric:
@@ -230,10 +229,11 @@ class Checkpointer:
     return jax.process_index() == 0
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.join(self.directory, str(step))
 
   def _space_error(self, needed: int, cause: str = "") -> CheckpointError:
-    free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+    free = (shutil.disk_usage(self.directory).free
+            if not self.remote and os.path.isdir(self.directory) else 0)
     last = self.latest_step()
     return CheckpointError(
         f"No space left on {self.directory}: {free / _MIB:.0f} MiB free, the checkpoint needs "
@@ -242,11 +242,11 @@ class Checkpointer:
 
   def _remove_partial(self) -> None:
     """Removes Orbax's temporary step folders (left by a failed save) in process 0."""
-    if not self.is_primary or not os.path.isdir(self.directory):
+    if not self.is_primary or not paths.isdir(self.directory):
       return
-    for name in os.listdir(self.directory):
+    for name in paths.listdir(self.directory):
       if TMP_MARKER in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        paths.rmtree(paths.join(self.directory, name))
 
   def _check_async_errors(self) -> None:
     """Raises a finished asynchronous save's error as one ``CheckpointError`` line."""
@@ -277,7 +277,7 @@ class Checkpointer:
       return
     for step in pending:
       d = self.step_dir(step)
-      if os.path.isdir(d):
+      if paths.isdir(d):
         write_manifest(d)
         self._last_size = max(self._last_size, dir_bytes(d))
 
@@ -288,7 +288,8 @@ class Checkpointer:
       self.wait()
     needed = self._last_size or sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
     self._needed = needed
-    if self.check_free_space and self.is_primary and os.path.isdir(self.directory):
+    if (self.check_free_space and not self.remote and self.is_primary
+        and os.path.isdir(self.directory)):
       if shutil.disk_usage(self.directory).free < needed * 1.05 + _MIB:
         raise self._space_error(needed)
     items = {"state": ocp.args.StandardSave(state)}
@@ -322,20 +323,20 @@ class Checkpointer:
   def verify(self, step: int) -> Optional[str]:
     """None (intact), "unverified" (no checksums) or why the step is damaged."""
     d = self.step_dir(step)
-    if not os.path.isdir(d):
+    if not paths.isdir(d):
       return f"{d} is missing"
     return verify_step_dir(d)
 
   def set_aside(self, step: int, reason: str) -> str:
     """Moves a damaged step to ``<dir>_damaged/<step>`` (process 0) and forgets it."""
     aside_root = self.directory.rstrip(os.sep) + "_damaged"
-    dest = os.path.join(aside_root, f"{step}")
+    dest = paths.join(aside_root, f"{step}")
     if self.is_primary:
-      os.makedirs(aside_root, exist_ok=True)
-      if os.path.exists(dest):
+      paths.makedirs(aside_root)
+      if paths.exists(dest):
         dest = f"{dest}.{int(time.time())}"
-      os.replace(self.step_dir(step), dest)
-      with open(dest + ".reason.txt", "w") as f:
+      paths.rename(self.step_dir(step), dest)
+      with paths.open(dest + ".reason.txt", "w") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {reason}\n")
     self._mngr.reload()
     return dest
@@ -343,11 +344,11 @@ class Checkpointer:
   # ------------------------------------------------------------------ restore
   def read_config(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
     step = self.latest_step() if step is None else step
-    path = os.path.join(self.directory, str(step), "config")
+    path = paths.join(self.directory, str(step), "config")
     for name in ("metadata", "config.json"):
-      p = os.path.join(path, name)
-      if os.path.exists(p):
-        with open(p) as f:
+      p = paths.join(path, name)
+      if paths.exists(p):
+        with paths.open(p) as f:
           return json.load(f)
     try:
       return self._mngr.restore(step, args=ocp.args.Composite(
@@ -469,17 +470,17 @@ class Checkpointer:
     state and any of the files serves any process count.  Returns None when the
     file for this process exists (the normal path) or there is no data item.
     """
-    data_dir = os.path.join(self.directory, str(step), "data")
+    data_dir = paths.join(self.directory, str(step), "data")
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, mine)):
+    if not paths.isdir(data_dir) or paths.exists(paths.join(data_dir, mine)):
       return None
-    others = sorted(f for f in os.listdir(data_dir)
+    others = sorted(f for f in paths.listdir(data_dir)
                     if f.startswith("process_") and f.endswith(".json"))
     if not others:
       return None
     states = []
     for name in others:
-      with open(os.path.join(data_dir, name)) as f:
+      with paths.open(paths.join(data_dir, name)) as f:
         states.append(f.read())
     if any(st.strip() != states[0].strip() for st in states):
       raise CheckpointError(

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 import jax
 
+from mdm_jax.core import paths
 from mdm_jax.core.config import from_dict, to_dict
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.metrics.gen_ppl import Scorer
@@ -28,7 +29,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   res["step"] = int(state.step)
   res.setdefault("bound", task.bound_name)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_step_{int(state.step)}.json"), "w") as f:
+    with paths.open(paths.join(workdir, f"eval_step_{int(state.step)}.json"), "w") as f:
       json.dump(res, f, indent=2)
   return res
 
@@ -47,7 +48,7 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
                          rules=rules, write=jax.process_index() == 0,
                          scorer=scorer_from_config(config),
                          name=sample_file_name(config, int(state.step),
-                                               os.path.join(workdir, "samples")))
+                                               paths.join(workdir, "samples")))
   out.pop("texts", None)
   return out
 
@@ -65,14 +66,14 @@ def load_scorer(workdir: str, config=None, restore: Optional[str] = None) -> Sco
     ConfigError: ``workdir`` holds no run, or a diffusion run (only an AR model
       gives exact token probabilities to score with).
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.resolve(workdir)
   if config is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.exists(path):
       raise ConfigError(
           f"No trained run in {workdir} (no config.json). Train an autoregressive scorer first, "
           f"e.g. python -m mdm_jax.main --config=shakespeare_ar --workdir={workdir}")
-    with open(path) as f:
+    with paths.open(path) as f:
       config = from_dict(json.load(f))
   else:
     config = from_dict(to_dict(config))   # an unlocked copy

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mdm_jax.core import paths
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import save_config, to_dict
 from mdm_jax.trainers import checkpoint as ckpt_lib
@@ -41,7 +42,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   Holds ``workdir``'s lock while it runs (one run per workdir).  Raises ``Preempted``
   after saving the current step when SIGTERM arrives (see ``preemption``).
   """
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_writable(workdir)
+  paths.makedirs(workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
     return _train(config, workdir, lock)
 
@@ -70,14 +72,14 @@ def _train(config, workdir: str, lock: WorkdirLock) -> Dict[str, Any]:
                                 jax.process_index(), jax.process_count())
   train_iter = iter(train_ds)
   cfg_dict = to_dict(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+  ckpt = ckpt_lib.Checkpointer(paths.join(workdir, CHECKPOINT_DIR),
                                max_to_keep=int(config.checkpoint.max_to_keep),
                                async_save=bool(config.checkpoint.async_save),
                                check_free_space=bool(config.checkpoint.check_free_space))
   best_ckpt = None
   try:
     if int(config.checkpoint.keep_best):
-      best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR),
+      best_ckpt = ckpt_lib.Checkpointer(paths.join(workdir, BEST_DIR),
                                         max_to_keep=int(config.checkpoint.keep_best),
                                         async_save=bool(config.checkpoint.async_save),
                                         best_metric="eval_nll",
@@ -201,11 +203,10 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
   if metrics is not None:
     result["train_loss"] = float(jax.device_get(metrics["loss"]))
   if is_main:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    files = sorted({os.path.relpath(p, workdir) for p in last_files.values()})
+    paths.atomic_write(paths.join(workdir, "final_metrics.json"), json.dumps(result, indent=2))
+    files = sorted({p[len(workdir):].lstrip("/" + os.sep) for p in last_files.values()})
     progress.message(
         f"Wrote {workdir}: checkpoints/{ckpt.latest_step()}, {', '.join(files + ['metrics.jsonl'])}"
         f", final_metrics.json; curves, samples and pictures: tensorboard --logdir "
-        f"{os.path.join(workdir, 'tensorboard')}")
+        f"{paths.join(workdir, 'tensorboard')}")
   return result

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from typing import Any, Callable, Optional
 
 import jax
+
+from mdm_jax.core import paths
 
 
 class StepProfiler:
@@ -26,7 +29,8 @@ class StepProfiler:
     cfg = profile_config or {}
     self.start = int(cfg.get("start_step", 0) or 0)
     self.num_steps = max(int(cfg.get("num_steps", 5) or 5), 1)
-    self.directory = os.path.join(workdir, "profile")
+    self.directory = paths.join(workdir, "profile")
+    self._local = self.directory
     self.log = log or (lambda msg: None)
     self.active = False
     self._t0 = 0.0
@@ -43,8 +47,11 @@ class StepProfiler:
     """A context around training step ``step_number`` (1-based): starts the trace before
     the window's first step and annotates the step."""
     if self.start and not self.active and step_number == self.start:
-      os.makedirs(self.directory, exist_ok=True)
-      jax.profiler.start_trace(self.directory)
+      # A bucket workdir: traced into a local folder, copied up when the trace stops.
+      self._local = (tempfile.mkdtemp(prefix="mdm_jax_profile_")
+                     if paths.is_remote(self.directory) else self.directory)
+      os.makedirs(self._local, exist_ok=True)
+      jax.profiler.start_trace(self._local)
       self.active, self._t0 = True, time.time()
     if not self.active:
       return contextlib.nullcontext()
@@ -61,6 +68,11 @@ class StepProfiler:
       return
     jax.profiler.stop_trace()
     self.active = False
+    if self._local != self.directory:
+      for d, _, files in os.walk(self._local):
+        for f in files:
+          rel = os.path.relpath(os.path.join(d, f), self._local)
+          paths.upload(os.path.join(d, f), paths.join(self.directory, *rel.split(os.sep)))
     self.log(f"profile: traced steps {self.start}-{self.last} ({time.time() - self._t0:.1f} s) "
              f"into {self.directory}; open it with: tensorboard --logdir {self.directory} "
              "(tensorboard-plugin-profile) or xprof --logdir " + self.directory)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from mdm_jax.core import paths
 from mdm_jax.metrics.gen_ppl import score_texts
 from mdm_jax.pictures.pixels import write_png
 
@@ -40,11 +41,11 @@ def sample_and_write(task, params, config, data, workdir: str, step: int, *, mes
   stats["sampling"] = sampling_settings(config)
   if write:
     header = f"step {step}, {stats['sampler']}, T={stats['num_steps']}"
-    out_dir = os.path.join(workdir, "samples")
+    out_dir = paths.join(workdir, "samples")
     stats.update(data.write_samples(tokens, texts, stats, out_dir, name or f"step_{step}",
                                     header=header))
     for key, picture in task.sample_pictures(res).items():
-      stats[f"{key}_png"] = write_png(os.path.join(out_dir, f"{name or f'step_{step}'}_{key}.png"),
+      stats[f"{key}_png"] = write_png(paths.join(out_dir, f"{name or f'step_{step}'}_{key}.png"),
                                       picture)
     print(data.show_samples(texts, stats, header), file=sys.stderr, flush=True)
   return {"texts": texts, **stats}
@@ -70,11 +71,11 @@ def sample_file_name(config, step: int, out_dir: str) -> str:
   settings = json.loads(json.dumps(sampling_settings(config)))
   name, k = base, 2
   while True:
-    path = os.path.join(out_dir, f"{name}.json")
-    if not os.path.exists(path):
+    path = paths.join(out_dir, f"{name}.json")
+    if not paths.exists(path):
       return name
     try:
-      with open(path) as f:
+      with paths.open(path) as f:
         if json.load(f).get("sampling") == settings:
           return name
     except (OSError, ValueError):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mdm_jax.core import paths
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import to_dict
 from mdm_jax.core.errors import ConfigError
@@ -99,14 +100,14 @@ def restore_for_inference(config, workdir: str):
   validate_config(config)
   which = config.checkpoint.restore
   sub = BEST_DIR if which == "best" else CHECKPOINT_DIR
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, sub), read_only=True, async_save=False,
+  ckpt = ckpt_lib.Checkpointer(paths.join(workdir, sub), read_only=True, async_save=False,
                                best_metric="eval_nll" if which == "best" else None)
   step = ckpt.best_step() if which == "best" else ckpt.latest_step()
   if step is None:
     hint = (" Best-by-eval checkpoints are written when checkpoint.keep_best > 0 and an eval "
             "runs; use --config.checkpoint.restore=latest." if which == "best" else "")
     raise ckpt_lib.CheckpointError(
-        f"No checkpoint found under {os.path.join(workdir, sub)}. Train first with "
+        f"No checkpoint found under {paths.join(workdir, sub)}. Train first with "
         f"--mode=train --workdir={workdir}.{hint}")
   run = build_run(config, workdir, check_batch=False)
   abstract, shardings = state_shardings(run.task, run.tx, run.mesh, run.rules)

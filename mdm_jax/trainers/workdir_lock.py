@@ -6,6 +6,10 @@ pid, start time and command of the run; a second run fails at once with that
 information.  A lock is stale, and is taken over with a warning, when its process is
 gone (same host) or its heartbeat is older than ``stale_after_s`` (another host: the
 holder touches the file as it trains).  Only process 0 of a job takes the lock.
+
+In a bucket (``gs://``) the lock is an object holding the same fields and a ``beat`` time
+that the holder rewrites as it trains; objects have no O_EXCL, so two runs started within
+the same second could both take it (documented in docs/cloud.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 from typing import Any, Dict, Optional
 
 from absl import logging
+
+from mdm_jax.core import paths
 
 LOCK_NAME = "mdm_jax.lock"
 
@@ -40,7 +46,8 @@ class WorkdirLock:
   """``with WorkdirLock(workdir): ...`` (a no-op when ``enabled`` is False)."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, stale_after_s: float = 900.0):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = paths.join(workdir, LOCK_NAME)
+    self.remote = paths.is_remote(workdir)
     self.enabled = enabled
     self.stale_after_s = float(stale_after_s)
     self._held = False
@@ -48,11 +55,12 @@ class WorkdirLock:
 
   def _info(self) -> Dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv,
+            "beat": time.time()}
 
   def _read(self) -> Optional[Dict[str, Any]]:
     try:
-      with open(self.path) as f:
+      with paths.open(self.path) as f:
         return json.load(f)
     except (OSError, ValueError):
       return None
@@ -64,7 +72,8 @@ class WorkdirLock:
       pid = int(info.get("pid", -1))
       return None if _alive(pid) else f"process {pid} on this host is gone"
     try:
-      age = time.time() - os.path.getmtime(self.path)
+      age = time.time() - (float(info.get("beat", 0)) if self.remote
+                           else os.path.getmtime(self.path))
     except OSError:
       return "the lock file vanished"
     if age > self.stale_after_s:
@@ -74,38 +83,54 @@ class WorkdirLock:
   def acquire(self) -> None:
     if not self.enabled:
       return
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    paths.makedirs(paths.dirname(self.path))
     for _ in range(2):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = self._create()
       except FileExistsError:
         info = self._read()
         why = self._stale(info)
         if why is None:
           raise WorkdirBusy(
-              f"{os.path.dirname(self.path)} is in use by another run: pid {info.get('pid')} on "
+              f"{paths.dirname(self.path)} is in use by another run: pid {info.get('pid')} on "
               f"{info.get('host')}, started {info.get('started')} "
               f"({' '.join(map(str, info.get('argv', [])))[:300]}). Stop that run or use "
               f"another --workdir; if it is dead on another host, delete {self.path}.") from None
         logging.warning("Taking over the stale lock %s (%s).", self.path, why)
         try:
-          os.remove(self.path)
+          paths.remove(self.path)
         except FileNotFoundError:
           pass
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self._info(), f)
+      if fd is None:
+        paths.atomic_write(self.path, json.dumps(self._info()))
+      else:
+        with os.fdopen(fd, "w") as f:
+          json.dump(self._info(), f)
       self._held = True
       self._last_beat = time.time()
       return
     raise WorkdirBusy(f"Could not take the lock {self.path}; another run took it first.")
+
+  def _create(self) -> Optional[int]:
+    """An exclusive local file descriptor; None in a bucket (written by the caller)."""
+    if self.remote:
+      if paths.exists(self.path):
+        raise FileExistsError(self.path)
+      return None
+    return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
 
   def heartbeat(self, min_interval_s: float = 30.0) -> None:
     """Marks the lock as alive (cheap; at most every ``min_interval_s``)."""
     now = time.time()
     if self._held and now - self._last_beat >= min_interval_s:
       try:
-        os.utime(self.path)
+        if self.remote:
+          info = self._read() or self._info()
+          info["beat"] = now
+          paths.atomic_write(self.path, json.dumps(info))
+        else:
+          os.utime(self.path)
       except OSError:
         pass
       self._last_beat = now
@@ -115,7 +140,7 @@ class WorkdirLock:
       info = self._read()
       if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         try:
-          os.remove(self.path)
+          paths.remove(self.path)
         except FileNotFoundError:
           pass
       self._held = False

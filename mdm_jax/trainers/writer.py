@@ -8,17 +8,22 @@ TensorBoard's Images and Text tabs, and to wandb when ``wandb.enabled`` is set.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 
+from mdm_jax.core import paths
 from mdm_jax.core.errors import ConfigError
+
+SYNC_EVERY_S = 30.0   # a bucket workdir: how often the staged logs are copied up
 
 
 def png_summary(tag: str, png: bytes):
@@ -48,21 +53,24 @@ class WandbWriter:
       raise ConfigError("wandb.enabled=True needs the wandb package: pip install "
                         "'mdm_jax[wandb]' (or set --config.wandb.enabled=False).") from e
     self._wandb = wandb
-    id_path = os.path.join(workdir, "wandb_id.txt")
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else uuid.uuid4().hex[:12]
-    with open(id_path, "w") as f:
-      f.write(run_id + "\n")
+    id_path = paths.join(workdir, "wandb_id.txt")
+    run_id = (paths.read_text(id_path).strip() if paths.exists(id_path)
+              else uuid.uuid4().hex[:12])
+    paths.atomic_write(id_path, run_id + "\n")
+    local_dir = workdir if not paths.is_remote(workdir) else tempfile.mkdtemp(prefix="mdm_wandb_")
     self.run = wandb.init(
         project=str(settings.get("project") or "mdm_jax"), entity=settings.get("entity") or None,
-        name=settings.get("name") or os.path.basename(workdir.rstrip("/")),
-        mode=str(settings.get("mode") or "online"), dir=workdir, id=run_id, resume="allow",
+        name=settings.get("name") or paths.basename(workdir),
+        mode=str(settings.get("mode") or "online"), dir=local_dir, id=run_id, resume="allow",
         config=config_dict or {}, settings=wandb.Settings(console="off", silent=True))
 
   def scalars(self, step: int, scalars: Dict[str, float]) -> None:
     self.run.log(dict(scalars), step=int(step))
 
-  def images(self, step: int, images: Dict[str, str]) -> None:
-    self.run.log({k: self._wandb.Image(p) for k, p in images.items()}, step=int(step))
+  def images(self, step: int, pngs: Dict[str, bytes]) -> None:
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    self.run.log({k: self._wandb.Image(Image.open(io.BytesIO(png))) for k, png in pngs.items()},
+                 step=int(step))
 
   def texts(self, step: int, texts: Dict[str, str]) -> None:
     self.run.log({k: self._wandb.Html(f"<pre>{html.escape(t)}</pre>") for k, t in texts.items()},
@@ -75,6 +83,10 @@ class WandbWriter:
 class MetricsWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard event files, and pictures
   and texts to TensorBoard (and wandb, with ``wandb``: the config's ``wandb`` block).
+
+  In a bucket workdir (``gs://``) the files are written in a local staging folder and
+  copied up every ``SYNC_EVERY_S`` seconds and at ``close`` (objects cannot be appended
+  to); a killed run loses at most that much of its log, never a checkpoint.
 
   ``resume_step``: the step the run continues from.  Lines of ``metrics.jsonl`` written
   after it (by the interrupted run, for steps that are now trained again) get
@@ -89,9 +101,19 @@ class MetricsWriter:
     self._tb = None
     self._wandb: Optional[WandbWriter] = None
     self.superseded = 0
+    self.workdir = workdir
+    self._stage: Optional[str] = None
+    self._synced: Dict[str, tuple] = {}
+    self._last_sync = time.time()
     if not enabled:
       return
-    path = os.path.join(workdir, "metrics.jsonl")
+    if paths.is_remote(workdir):
+      self._stage = tempfile.mkdtemp(prefix="mdm_jax_logs_")
+      if paths.exists(paths.join(workdir, "metrics.jsonl")):
+        paths.download(paths.join(workdir, "metrics.jsonl"),
+                       os.path.join(self._stage, "metrics.jsonl"))
+    local = self._stage or workdir
+    path = os.path.join(local, "metrics.jsonl")
     if resume_step is not None and os.path.exists(path):
       self.superseded = mark_superseded(path, resume_step)
       if self.superseded:
@@ -100,7 +122,7 @@ class MetricsWriter:
     self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = SummaryWriter(os.path.join(local, "tensorboard"),
                                purge_step=resume_step or None)
     except ImportError:  # optional
       logging.warning("tensorboardX is not installed; writing metrics.jsonl only.")
@@ -119,20 +141,38 @@ class MetricsWriter:
       self._tb.flush()
     if self._wandb is not None:
       self._wandb.scalars(step, scalars)
+    self.sync()
+
+  def sync(self, force: bool = False) -> None:
+    """Copies the staged files that changed up to a bucket workdir (at most every
+    ``SYNC_EVERY_S`` seconds unless ``force``)."""
+    if self._stage is None or (not force and time.time() - self._last_sync < SYNC_EVERY_S):
+      return
+    for d, _, files in os.walk(self._stage):
+      for f in files:
+        local = os.path.join(d, f)
+        st = os.stat(local)
+        key = (st.st_size, st.st_mtime_ns)
+        if self._synced.get(local) != key:
+          rel = os.path.relpath(local, self._stage)
+          paths.upload(local, paths.join(self.workdir, *rel.split(os.sep)))
+          self._synced[local] = key
+    self._last_sync = time.time()
 
   def write_images(self, step: int, images: Mapping[str, str]) -> None:
     """``images``: tag -> path of a PNG file (a sample grid, a masking or order picture)."""
-    images = {k: p for k, p in images.items() if p and os.path.exists(p)}
-    if not self.enabled or not images:
+    if not self.enabled:
+      return
+    pngs = {k: paths.read_bytes(p) for k, p in images.items() if p and paths.exists(p)}
+    if not pngs:
       return
     if self._tb is not None:
       fw = self._tb._get_file_writer()  # pylint: disable=protected-access
-      for tag, path in images.items():
-        with open(path, "rb") as f:
-          fw.add_summary(png_summary(tag, f.read()), int(step))
+      for tag, png in pngs.items():
+        fw.add_summary(png_summary(tag, png), int(step))
       self._tb.flush()
     if self._wandb is not None:
-      self._wandb.images(step, images)
+      self._wandb.images(step, pngs)
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     """``texts``: tag -> text (shown preformatted in TensorBoard's Text tab)."""
@@ -161,6 +201,7 @@ class MetricsWriter:
       self._tb.close()
     if self._wandb:
       self._wandb.close()
+    self.sync(force=True)
 
 
 def mark_superseded(path: str, last_step: int) -> int:
