@@ -162,7 +162,7 @@ def main(argv):
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
-    free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0  # local
+    free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0
     print(f"error: No space left on {e.filename or workdir}: {free:.0f} MiB free in {workdir}. "
           "Free space and re-run the same command; training resumes from its last checkpoint.",
           file=sys.stderr)

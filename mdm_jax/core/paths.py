@@ -18,6 +18,7 @@ gcsfs and ``TENSORSTORE_GCS_HTTP_URL`` for TensorStore, both ``http://127.0.0.1:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -146,7 +147,6 @@ def open(path: str, mode: str = "r") -> IO:  # pylint: disable=redefined-builtin
     if "a" in mode:
       raise ValueError(f"{path}: objects in a bucket cannot be appended to")
     return _epath(path).open(mode)
-  import builtins  # pylint: disable=import-outside-toplevel
   return builtins.open(path, mode)
 
 
@@ -160,29 +160,27 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def atomic_write(path: str, data, mode: str = "w") -> str:
-  """Writes ``data`` (str or bytes) so that a reader sees the old or the new file, never a
-  part: a temporary file renamed over it locally, one whole object in a bucket."""
+def atomic_write(path: str, data) -> str:
+  """Writes ``data`` (str as UTF-8, or bytes) so that a reader sees the old or the new file,
+  never a part: a uniquely named temporary file renamed over it locally (several processes
+  may write the same file at once; an interrupt leaves no temporary file), one whole object
+  in a bucket."""
+  mode = "wb" if isinstance(data, bytes) else "w"
   if is_remote(path):
     with open(path, mode) as f:
       f.write(data)
     return path
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  tmp = os.path.join(d, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+  tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
   try:
-    with builtins_open(tmp, mode) as f:
+    with builtins.open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       f.write(data)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
-
-
-def builtins_open(path: str, mode: str = "r") -> IO:
-  import builtins  # pylint: disable=import-outside-toplevel
-  return builtins.open(path, mode)
 
 
 def remove(path: str) -> None:
@@ -228,6 +226,21 @@ def walk_files(folder: str) -> List[str]:
   return sorted(out)
 
 
+def tree_bytes(folder: str) -> int:
+  """Bytes of every file under ``folder`` (one listing call in a bucket)."""
+  if is_remote(folder):
+    fs, root = _fsspec(folder)
+    return int(fs.du(root)) if fs.exists(root) else 0
+  total = 0
+  for d, _, files in os.walk(folder):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(d, f))
+      except OSError:
+        pass
+  return total
+
+
 def object_info(path: str) -> dict:
   """Size and the server's CRC32C of an object in a bucket (what GCS verified on upload)."""
   fs, p = _fsspec(path)
@@ -256,12 +269,42 @@ def local_copy_for_write(path: str) -> Iterator[str]:
     upload(local, path)
 
 
+@contextlib.contextmanager
+def local_copy_for_read(path: str) -> Iterator[str]:
+  """A local file with the contents of ``path`` (itself when local), for libraries that only
+  read local files (tokenizer ``load``); a bucket object is downloaded and removed after."""
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory() as d:
+    local = os.path.join(d, basename(path))
+    download(path, local)
+    yield local
+
+
 def upload(local: str, remote: str) -> None:
-  with builtins_open(local, "rb") as src, open(remote, "wb") as dst:
+  with builtins.open(local, "rb") as src, open(remote, "wb") as dst:
     shutil.copyfileobj(src, dst, 4 << 20)
+
+
+def upload_tree(local_dir: str, remote_dir: str, uploaded: Optional[dict] = None) -> None:
+  """Copies every file under ``local_dir`` to the same place under ``remote_dir``.  With
+  ``uploaded`` (a dict kept by the caller), files unchanged since their last upload (same
+  size and modification time) are skipped."""
+  for d, _, files in os.walk(local_dir):
+    for f in files:
+      local = os.path.join(d, f)
+      st = os.stat(local)
+      key = (st.st_size, st.st_mtime_ns)
+      if uploaded is not None and uploaded.get(local) == key:
+        continue
+      rel = os.path.relpath(local, local_dir)
+      upload(local, join(remote_dir, *rel.split(os.sep)))
+      if uploaded is not None:
+        uploaded[local] = key
 
 
 def download(remote: str, local: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-  with open(remote, "rb") as src, builtins_open(local, "wb") as dst:
+  with open(remote, "rb") as src, builtins.open(local, "wb") as dst:
     shutil.copyfileobj(src, dst, 4 << 20)

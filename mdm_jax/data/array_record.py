@@ -32,7 +32,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -637,13 +636,8 @@ class ArrayRecordData(Data):
     self.path = paths.resolve(path)
     self.metadata = read_metadata(self.path)
     self.seq_len = int(self.metadata["seq_len"])
-    tok_file = paths.join(self.path, self.metadata["tokenizer"]["file"])
-    if paths.is_remote(tok_file):
-      with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, paths.basename(tok_file))
-        paths.download(tok_file, local)
-        self.tokenizer = tokenizers_lib.load_tokenizer(local)
-    else:
+    with paths.local_copy_for_read(
+        paths.join(self.path, self.metadata["tokenizer"]["file"])) as tok_file:
       self.tokenizer = tokenizers_lib.load_tokenizer(tok_file)
     if self.tokenizer.fingerprint() != self.metadata["tokenizer"]["fingerprint"]:
       raise IncompleteDatasetError(f"{self.path}/{TOKENIZER_FILE} is not the tokenizer the "

@@ -20,8 +20,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
-import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from absl import logging
@@ -54,21 +52,9 @@ def atomic_write(path: str, data: Union[str, bytes]) -> None:
   """Writes ``data`` to ``path`` via a unique temporary file and an atomic rename.
 
   Several processes may write the same (identical) file concurrently.  A bucket path
-  (``gs://``) is written as one whole object.
+  (``gs://``) is written as one whole object (``mdm_jax.core.paths.atomic_write``).
   """
-  if paths.is_remote(path):
-    paths.atomic_write(path, data, "wb" if isinstance(data, bytes) else "w")
-    return
-  tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex}"
-  mode = "wb" if isinstance(data, bytes) else "w"
-  try:
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:   # a full disk or an interrupt leaves no partial file behind
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  paths.atomic_write(path, data)
 
 
 def _as_id_array(ids: IdsLike) -> np.ndarray:
@@ -477,12 +463,8 @@ def build_tokenizer(data_config, text: str, cache_dir: Optional[str] = None) -> 
     if paths.exists(tok_path) and paths.exists(meta_path):
       meta = json.loads(paths.read_text(meta_path))
       if meta.get("settings") == settings:
-        if paths.is_remote(tok_path):
-          with tempfile.TemporaryDirectory() as d:
-            paths.download(tok_path, os.path.join(d, TOKENIZER_FILE))
-            tok = load_tokenizer(os.path.join(d, TOKENIZER_FILE))
-        else:
-          tok = load_tokenizer(tok_path)
+        with paths.local_copy_for_read(tok_path) as local:
+          tok = load_tokenizer(local)
         logging.info("Loaded the %s tokenizer (vocab %d) from %s.", kind, tok.vocab_size, tok_path)
         return tok
       logging.warning("The tokenizer saved in %s was built with %s, not %s: rebuilding it.",

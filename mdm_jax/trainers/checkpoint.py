@@ -58,11 +58,7 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 _MIB = 2 ** 20
 
 
-def _checksum(path: str) -> str:
-  """CRC-32 of a local file (hex), read in 1 MiB chunks; for an object in a bucket, the
-  CRC32C the server computed and verified at upload (``crc32c:...``; nothing is read)."""
-  if paths.is_remote(path):
-    return f"crc32c:{paths.object_info(path)['crc32c']}"
+def _crc32(path: str) -> str:
   crc = 0
   with open(path, "rb") as f:
     while True:
@@ -73,6 +69,16 @@ def _checksum(path: str) -> str:
   return f"{crc & 0xFFFFFFFF:08x}"
 
 
+def _size_and_checksum(path: str) -> Tuple[int, str]:
+  """Size and CRC-32 (hex) of a local file; for an object in a bucket, its size and the
+  CRC32C the server computed and verified at upload (``crc32c:...``), in one metadata
+  request that reads no data."""
+  if paths.is_remote(path):
+    info = paths.object_info(path)
+    return info["size"], f"crc32c:{info['crc32c']}"
+  return os.path.getsize(path), _crc32(path)
+
+
 def _files_under(step_dir: str) -> List[str]:
   return [rel for rel in paths.walk_files(step_dir)
           if rel != MANIFEST and not rel.endswith(".tmp")]
@@ -80,7 +86,7 @@ def _files_under(step_dir: str) -> List[str]:
 
 def write_manifest(step_dir: str) -> str:
   """Writes ``step_dir/mdm_jax_checksums.json`` (size and checksum of every file), atomically."""
-  files = {rel: [paths.getsize(paths.join(step_dir, rel)), _checksum(paths.join(step_dir, rel))]
+  files = {rel: list(_size_and_checksum(paths.join(step_dir, rel)))
            for rel in _files_under(step_dir)}
   return paths.atomic_write(paths.join(step_dir, MANIFEST),
                             json.dumps({"format": 1, "files": files}))
@@ -100,25 +106,16 @@ def verify_step_dir(step_dir: str) -> Optional[str]:
     full = paths.join(step_dir, rel)
     if not paths.exists(full):
       return f"{rel} is missing"
-    actual = paths.getsize(full)
+    actual, checksum = _size_and_checksum(full)
     if actual != size:
       return f"{rel} has {actual} bytes, {size} were written"
-    if _checksum(full) != crc:
+    if checksum != crc:
       return f"{rel} does not match its checksum"
   return None
 
 
 def dir_bytes(path: str) -> int:
-  if paths.is_remote(path):
-    return sum(paths.getsize(paths.join(path, rel)) for rel in paths.walk_files(path))
-  total = 0
-  for d, _, files in os.walk(path):
-    for f in files:
-      try:
-        total += os.path.getsize(os.path.join(d, f))
-      except OSError:
-        pass
-  return total
+  return paths.tree_bytes(path)
 
 
 def compat_view(config_dict: Dict[str, Any], keys: Sequence[str],

@@ -2,7 +2,7 @@
 
 ``profile.start_step = N`` and ``profile.num_steps = K`` trace steps N .. N+K-1 (numbered
 as the progress line numbers them) into ``WORKDIR/profile``, which TensorBoard's profile
-plugin and XProf open (docs/profiling.md).  Every process writes its own trace.  Each
+plugin and XProf open (docs/outputs.md).  Every process writes its own trace.  Each
 training step is wrapped in a ``StepTraceAnnotation`` so the trace viewer and XProf's step
 view split the timeline by step.  Pick a window after compilation (N > 1) unless the
 compile is what you want to see.
@@ -69,10 +69,7 @@ class StepProfiler:
     jax.profiler.stop_trace()
     self.active = False
     if self._local != self.directory:
-      for d, _, files in os.walk(self._local):
-        for f in files:
-          rel = os.path.relpath(os.path.join(d, f), self._local)
-          paths.upload(os.path.join(d, f), paths.join(self.directory, *rel.split(os.sep)))
+      paths.upload_tree(self._local, self.directory)
     self.log(f"profile: traced steps {self.start}-{self.last} ({time.time() - self._t0:.1f} s) "
              f"into {self.directory}; open it with: tensorboard --logdir {self.directory} "
              "(tensorboard-plugin-profile) or xprof --logdir " + self.directory)

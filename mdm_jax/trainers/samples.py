@@ -9,7 +9,6 @@ generative perplexity.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Dict, Optional
 
@@ -41,12 +40,10 @@ def sample_and_write(task, params, config, data, workdir: str, step: int, *, mes
   stats["sampling"] = sampling_settings(config)
   if write:
     header = f"step {step}, {stats['sampler']}, T={stats['num_steps']}"
-    out_dir = paths.join(workdir, "samples")
-    stats.update(data.write_samples(tokens, texts, stats, out_dir, name or f"step_{step}",
-                                    header=header))
+    out_dir, name = paths.join(workdir, "samples"), name or f"step_{step}"
+    stats.update(data.write_samples(tokens, texts, stats, out_dir, name, header=header))
     for key, picture in task.sample_pictures(res).items():
-      stats[f"{key}_png"] = write_png(paths.join(out_dir, f"{name or f'step_{step}'}_{key}.png"),
-                                      picture)
+      stats[f"{key}_png"] = write_png(paths.join(out_dir, f"{name}_{key}.png"), picture)
     print(data.show_samples(texts, stats, header), file=sys.stderr, flush=True)
   return {"texts": texts, **stats}
 

@@ -86,7 +86,7 @@ class WorkdirLock:
     paths.makedirs(paths.dirname(self.path))
     for _ in range(2):
       try:
-        fd = self._create()
+        self._create()
       except FileExistsError:
         info = self._read()
         why = self._stale(info)
@@ -102,23 +102,21 @@ class WorkdirLock:
         except FileNotFoundError:
           pass
         continue
-      if fd is None:
-        paths.atomic_write(self.path, json.dumps(self._info()))
-      else:
-        with os.fdopen(fd, "w") as f:
-          json.dump(self._info(), f)
       self._held = True
       self._last_beat = time.time()
       return
     raise WorkdirBusy(f"Could not take the lock {self.path}; another run took it first.")
 
-  def _create(self) -> Optional[int]:
-    """An exclusive local file descriptor; None in a bucket (written by the caller)."""
+  def _create(self) -> None:
+    """Creates the lock holding this run's info; FileExistsError when there is one."""
+    text = json.dumps(self._info())
     if self.remote:
       if paths.exists(self.path):
         raise FileExistsError(self.path)
-      return None
-    return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      paths.atomic_write(self.path, text)
+      return
+    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+      f.write(text)
 
   def heartbeat(self, min_interval_s: float = 30.0) -> None:
     """Marks the lock as alive (cheap; at most every ``min_interval_s``)."""

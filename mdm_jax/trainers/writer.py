@@ -148,15 +148,7 @@ class MetricsWriter:
     ``SYNC_EVERY_S`` seconds unless ``force``)."""
     if self._stage is None or (not force and time.time() - self._last_sync < SYNC_EVERY_S):
       return
-    for d, _, files in os.walk(self._stage):
-      for f in files:
-        local = os.path.join(d, f)
-        st = os.stat(local)
-        key = (st.st_size, st.st_mtime_ns)
-        if self._synced.get(local) != key:
-          rel = os.path.relpath(local, self._stage)
-          paths.upload(local, paths.join(self.workdir, *rel.split(os.sep)))
-          self._synced[local] = key
+    paths.upload_tree(self._stage, self.workdir, uploaded=self._synced)
     self._last_sync = time.time()
 
   def write_images(self, step: int, images: Mapping[str, str]) -> None:
@@ -224,9 +216,7 @@ def mark_superseded(path: str, last_step: int) -> int:
         line = json.dumps(rec) + "\n"
       out.append(line if line.endswith("\n") else line + "\n")
   if changed:
-    with open(path + ".tmp", "w") as f:
-      f.writelines(out)
-    os.replace(path + ".tmp", path)
+    paths.atomic_write(path, "".join(out))
   return marked
 
 
