@@ -90,6 +90,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.digit_merge = "concat"      # Prime input: concat (paper, D/ell per digit) | sum (v2)
                                       # | joint (one row per partial state, (b+1)**ell rows)
   c.model.per_slot_tables = False     # v2 "non-shared": one digit table per slot
+  c.model.norm_eps = 1e-6             # LayerNorm epsilon (converted MDLM / MDM-Prime models: 1e-5)
+  c.model.mlp_bias = False            # MLP biases (converted MDLM / MDM-Prime models: True)
+  c.model.head_bias = False           # output-head bias (converted MDLM / MDM-Prime models: True)
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"      # xla | cudnn (passed to jax.nn.dot_product_attention)

@@ -68,6 +68,9 @@ class DiTConfig:
                                          # (one D-wide row per partial state, (b+1)**ell rows)
   per_slot_tables: bool = False          # v2 "non-shared": one table per digit slot instead
                                          # of one table shared by all slots
+  norm_eps: float = 1e-6                 # LayerNorm epsilon (MDLM's networks use 1e-5)
+  mlp_bias: bool = False                 # biases on the two MLP matmuls (MDLM's networks have them)
+  head_bias: bool = False                # a bias on the output head (MDLM's networks have one)
 
   def __post_init__(self):
     if self.d_model < self.ell:
@@ -93,6 +96,8 @@ class DiTConfig:
     if self.digit_merge == "joint" and self.per_slot_tables:
       raise ValueError("model.per_slot_tables has no meaning with model.digit_merge='joint' "
                        "(one row per partial state already); set it to False.")
+    if self.tie_embeddings and self.head_bias:
+      raise ValueError("model.head_bias needs an untied head: set model.tie_embeddings=False.")
     if self.tie_embeddings and (self.digit_merge != "concat" or self.per_slot_tables):
       raise ValueError("model.tie_embeddings needs the plain input table "
                        "(model.digit_merge='concat', model.per_slot_tables=False).")
@@ -141,6 +146,7 @@ def project(x, w, n_in: int = 1):
 class RMSLayerNorm(nn.Module):
   """LayerNorm with a scale and no bias, computed in float32."""
   param_dtype: Any = jnp.float32
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
@@ -150,7 +156,7 @@ class RMSLayerNorm(nn.Module):
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, -1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + 1e-6)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -230,12 +236,12 @@ class DiTBlock(nn.Module):
 
     # ---- local mixing (optional): x += dwconv(norm(x)), zero-initialised taps
     if cfg.local_conv:
-      y = RMSLayerNorm(cfg.param_dtype, name="ln_conv")(x)
+      y = RMSLayerNorm(cfg.param_dtype, cfg.norm_eps, name="ln_conv")(x)
       x = x + _length_conv(self, y, cfg.local_conv, cfg.causal, pd).astype(x.dtype)
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     # ---- attention
-    y = RMSLayerNorm(cfg.param_dtype, name="ln_attn")(x)
+    y = RMSLayerNorm(cfg.param_dtype, cfg.norm_eps, name="ln_attn")(x)
     y = _modulate(y.astype(jnp.float32), sh_a, sc_a).astype(cfg.dtype)
     qkv = project(y, w_qkv.astype(cd))                     # [B, L, 3, H, K]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -254,12 +260,16 @@ class DiTBlock(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     # ---- MLP
-    y = RMSLayerNorm(cfg.param_dtype, name="ln_mlp")(x)
+    y = RMSLayerNorm(cfg.param_dtype, cfg.norm_eps, name="ln_mlp")(x)
     y = _modulate(y.astype(jnp.float32), sh_m, sc_m).astype(cfg.dtype)
     y = project(y, w_in.astype(cd))
+    if cfg.mlp_bias:
+      y = y + self.param("mlp_in_bias", _zeros(("mlp",)), (m,), pd).astype(y.dtype)
     y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
     y = nn.gelu(y, approximate=True)
     y = project(y, w_o2.astype(cd))
+    if cfg.mlp_bias:
+      y = y + self.param("mlp_out_bias", _zeros(("embed",)), (d,), pd).astype(y.dtype)
     y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     x = x + (g_m[:, None, :] * y.astype(jnp.float32)).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -367,7 +377,7 @@ def final_adaln(cfg: DiTConfig, x, c, name: str = "final_adaLN", ln_name: str = 
                  kernel_init=_zeros(("cond", "embed")), bias_init=_zeros(("embed",)),
                  name=name)(c)
   shift, scale = jnp.split(mod, 2, axis=-1)
-  x = RMSLayerNorm(cfg.param_dtype, name=ln_name)(x)
+  x = RMSLayerNorm(cfg.param_dtype, cfg.norm_eps, name=ln_name)(x)
   return _modulate(x.astype(jnp.float32), shift, scale).astype(cfg.dtype)
 
 
@@ -411,6 +421,9 @@ class DiT(nn.Module):
       w = _kernel(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), zero=True,
                   param_dtype=cfg.param_dtype)
       logits = project(x, w.astype(cfg.dtype))
+    if cfg.head_bias:
+      logits = logits + self.param("head_bias", _zeros(("vocab",)), (cfg.vocab_size,),
+                                   cfg.param_dtype).astype(logits.dtype)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
@@ -425,7 +438,8 @@ def dit_config(model_config, vocab_size: int, ell: int, base: int, causal: bool)
       causal=causal, dtype=dtype_from_name(m.dtype), param_dtype=dtype_from_name(m.param_dtype),
       attention_impl=m.attention_impl, scan_layers=bool(m.scan_layers), remat=str(m.remat),
       gate_init=float(m.gate_init), local_conv=int(m.local_conv),
-      digit_merge=str(m.digit_merge), per_slot_tables=bool(m.per_slot_tables))
+      digit_merge=str(m.digit_merge), per_slot_tables=bool(m.per_slot_tables),
+      norm_eps=float(m.norm_eps), mlp_bias=bool(m.mlp_bias), head_bias=bool(m.head_bias))
 
 
 @MODELS.register("dit")

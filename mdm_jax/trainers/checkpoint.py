@@ -370,6 +370,10 @@ class Checkpointer:
           f"with a different configuration:\n{lines}\nRun with the checkpoint's values for these "
           "fields (e.g. --config.<field>=<value>), or use a new --workdir.")
 
+  def has_data_state(self, step: int) -> bool:
+    """Whether step ``step`` saved the data iterator (a converted model's step 0 has none)."""
+    return paths.isdir(paths.join(self.directory, str(step), "data"))
+
   def restore(self, abstract_state: Any, data_iter: Any = None,
               step: Optional[int] = None) -> Any:
     """Restores onto the shardings carried by ``abstract_state``'s leaves.
@@ -384,6 +388,10 @@ class Checkpointer:
                             "(--mode=train) or point --workdir at a training run.")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     foreign_data_state = None
+    if data_iter is not None and not self.has_data_state(step):
+      logging.info("Checkpoint step %d has no data-iterator state (a converted model): the "
+                   "data stream starts from its beginning.", step)
+      data_iter = None
     if data_iter is not None:
       foreign_data_state = self._data_state_from_other_process_count(step)
       if foreign_data_state is None:

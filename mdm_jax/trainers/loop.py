@@ -86,9 +86,12 @@ def _train(config, workdir: str, lock: WorkdirLock) -> Dict[str, Any]:
                                         check_free_space=bool(config.checkpoint.check_free_space))
     if ckpt.latest_step() is not None:
       abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+      # Resuming mid-stream needs the same data stream; a checkpoint without an iterator
+      # state (a converted model) only needs the same network and tokens.
+      keys = (ckpt_lib.resume_keys(config.objective)
+              if ckpt.has_data_state(ckpt.latest_step()) else ckpt_lib.compat_keys(config.objective))
       state, _ = ckpt.restore_intact(
-          abstract, data_iter=train_iter, current_config=cfg_dict,
-          keys=ckpt_lib.resume_keys(config.objective),
+          abstract, data_iter=train_iter, current_config=cfg_dict, keys=keys,
           log=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
       logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
     save_config(config, workdir, is_main)
