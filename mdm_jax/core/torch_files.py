@@ -193,7 +193,9 @@ def read_torch_checkpoint(path: str) -> Any:
 
     return _Unpickler(zf.read(pkl[0]), load_storage).load()
   except WeightFileError as e:
-    raise WeightFileError(f"{path}: {e}") if not str(e).startswith(path) else e
+    if str(e).startswith(path):
+      raise
+    raise WeightFileError(f"{path}: {e}") from e
   except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, ValueError,
           OSError, zipfile.LargeZipFile) as e:
     raise WeightFileError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); download "

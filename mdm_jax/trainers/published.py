@@ -119,7 +119,8 @@ def read_published(source: str, path: str) -> Dict[str, Any]:
       raise ConversionError(f"{path} has no state dict of tensors (a Lightning checkpoint keeps "
                             "one under 'state_dict').")
     state = pub.strip_prefix(raw)
-    shadow = (obj.get("ema") or {}).get("shadow_params") if isinstance(obj.get("ema"), dict) else None
+    ema_entry = obj.get("ema")
+    shadow = ema_entry.get("shadow_params") if isinstance(ema_entry, dict) else None
     if shadow:
       ema = pub.ema_state(state, shadow, source)
     cfg = torch_files.plain((obj.get("hyper_parameters") or {}).get("config") or {})
