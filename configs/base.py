@@ -64,13 +64,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
   # Multivariate (per-position) schedules, mdm_jax/diffusion/schedules/:
-  # name = learned_poly | left_to_right | slot_poly
-  c.schedule.order = "free"           # learned_poly: free (one log w per position) | mlp (position MLP)
+  # name = learned_poly | plackett_luce | left_to_right | slot_poly | learned_tilt | genmd4
+  c.schedule.order = "free"           # learned_poly, plackett_luce: free (one log w per position)
+                                      # | mlp (position MLP)
   c.schedule.order_hidden = 64        # learned_poly, order=mlp: hidden width
   c.schedule.max_log_w = 5.0          # learned_poly: log w is centred and clipped to +-max_log_w
-  c.schedule.num_masks = 2            # learned_poly: masks per sequence in training (>= 2: RLOO)
-  c.schedule.grad_scale = 0.05        # learned_poly: gradient scale of its parameters (Adam-invariant;
-                                      # keeps their noisy gradient out of the global-norm clip)
+  c.schedule.num_masks = 2            # learned schedules: masks (plackett_luce: order prefixes) per
+                                      # sequence in training (>= 2: leave-one-out score gradient)
+  c.schedule.grad_scale = 0.05        # learned schedules: gradient scale of their parameters
+                                      # (Adam-invariant; keeps their noisy gradient out of the
+                                      # global-norm clip)
+  c.schedule.lr_scale = 1.0           # learned_tilt, genmd4: the optimiser's step on the schedule's
+                                      # parameters relative to the network's (stored divided by it)
   c.schedule.sharpness = 1.0          # left_to_right: 0 = linear MDM, 1 = exactly left-to-right AR
   c.schedule.slot_tilt = 1.0          # slot_poly (per-digit, Prime): alpha_j = 1 - t**w_j with
                                       # log w_j = tilt (ell-1-j)/(ell-1) (min 0); > 0 decodes a token's

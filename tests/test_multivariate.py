@@ -152,7 +152,8 @@ def test_slot_schedule_tilt_zero_is_linear_and_rates_are_per_digit():
                       cfg=losses.DiffusionLossConfig(form="joint"), train=False)
 
 
-@pytest.mark.parametrize("ell,vocab,tilt", [(2, 4, 1.5), (2, 4, -1.5), (3, 8, 2.0)])
+# (kappa < 0 with ell = 2 is checked through learned_tilt in tests/test_learned_schedules.py.)
+@pytest.mark.parametrize("ell,vocab,tilt", [(2, 4, 1.5), (3, 8, 2.0)])
 def test_slot_schedule_elbo_is_tight_for_the_exact_denoiser(ell, vocab, tilt):
   """With the Bayes-optimal decoder the continuous-time NELBO equals the entropy for *any*
   per-digit schedule; mismatched rates and weights (or digits) would move it off."""
@@ -377,12 +378,15 @@ def test_sampler_unmasks_in_the_schedule_order():
 
 # ----------------------------------------------------------------- end to end
 def test_cli_learned_order_writes_the_order_picture(tmp_path):
+  """The learned-order config with the t-free estimator (``plackett_luce``, the
+  ``learned_poly`` schedule and order picture trained without a time draw)."""
   wd = str(tmp_path / "lo")
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "mdm_jax.main", "--config=configs/shakespeare_learned_order.py:tiny",
-       f"--workdir={wd}", "--config.training.num_steps=10", "--config.eval.every_steps=5",
+       f"--workdir={wd}", "--config.schedule.name=plackett_luce",
+       "--config.training.num_steps=10", "--config.eval.every_steps=5",
        "--config.checkpoint.every_steps=10", "--config.sampling.num_steps=8"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -44,6 +44,16 @@ leave-one-out (RLOO) score term
 with zero value (``S - sg(S)``), so the loss value stays the plain ELBO estimate and its
 gradient is unbiased for both the network and w (GenMD4's estimator with per-position
 exponents; docs/method/algorithms.md §2.5).  Evaluation uses one mask.
+
+Value-dependent schedules (``schedule.value_dependent``, GenMD4): an element holding value
+x is masked with probability t**w_x, so the model's unmasking rate to value d is
+w_d p(d | y_t) / t and each masked element costs (1/t) [w_x (-log p(x)) - w_x +
+sum_d w_d p(d)] (``value_dependent_terms``; p is the element's digit marginal), with
+GenMD4's reconstruction term for [0, t_min] (``schedule.reconstruction``).
+
+The t-free order estimator (``schedule.estimator == "order"``, ``order_loss``) replaces
+the time draw by a Plackett-Luce prefix of the decoding order in training
+(docs/method/algorithms.md §2.5 (b)); evaluation still draws t.
 """
 
 from __future__ import annotations
@@ -235,6 +245,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   """
   chex.assert_rank(tokens, 2)
   schedule.check(cfg, codec)
+  if train and schedule.estimator == "order":
+    return order_loss(apply_fn, params, tokens, key, codec=codec, schedule=schedule, cfg=cfg,
+                      t=t, row_ids=row_ids, num_masks=num_masks)
   bsz, length = tokens.shape
   k_t, k_m, k_net = jax.random.split(key, 3)
   if t is None:
@@ -243,7 +256,10 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     num_masks = schedule.num_masks if (train and schedule.learned) else 1
   digits = codec.encode(tokens)
   grouped = (t > cfg.chunk_point) if cfg.chunk_point < 1.0 and codec.ell > 1 else None
-  p_mask = jax.lax.stop_gradient(schedule.mask_prob_ij(params, t, length))   # [B, L|1, S|1]
+  if schedule.value_dependent:                                           # [B, L, S]
+    p_mask = jax.lax.stop_gradient(schedule.value_mask_prob(params, t, digits))
+  else:
+    p_mask = jax.lax.stop_gradient(schedule.mask_prob_ij(params, t, length))   # [B, L|1, S|1]
   keys = [k_m] + [jax.random.fold_in(k_m, j) for j in range(1, num_masks)]
   noisy = jnp.concatenate([draw_masks(k, digits, p_mask, codec.mask_id, row_ids, grouped)
                            for k in keys], axis=0)                      # [K B, L, ell]
@@ -261,6 +277,11 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     n = jnp.sum(jnp.any(masked, axis=-1), axis=-1).astype(jnp.float32)
     f = (jnp.sum(nll, axis=-1) * length / jnp.maximum(n, 1.0)).reshape(num_masks, bsz)
     loss = jnp.mean(f, axis=0)
+  elif schedule.value_dependent:
+    f = value_dependent_terms(logits, noisy, clean, schedule.exponents(params), tt, codec,
+                              cfg.carry_over) * (1.0 - cfg.t_min)
+    f = f.reshape(num_masks, bsz)
+    loss = jnp.mean(f, axis=0) + schedule.reconstruction(params, cfg.t_min, digits)
   else:
     weight = schedule.weight_ij(params, t, length) * (1.0 - cfg.t_min)  # [B, L|1, S|1]
     tile = lambda w: jnp.tile(w, (num_masks,) + (1,) * (w.ndim - 1)) if num_masks > 1 else w
@@ -278,19 +299,114 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     loss = (f[0] if num_masks == 1 else jnp.mean(f, axis=0)) + reconstruction_bound(
         schedule, cfg.t_min, length, codec, params)
   if num_masks >= 2 and schedule.learned:        # RLOO score term, zero value
-    log_q = schedule.log_q(params, tt, masked).reshape(num_masks, bsz)
-    fs = jax.lax.stop_gradient(f)
-    loo = (jnp.sum(fs, axis=0, keepdims=True) - fs) / (num_masks - 1)
-    score = jnp.sum((fs - loo) * log_q, axis=0) / num_masks
-    loss = loss + (score - jax.lax.stop_gradient(score))
-  m0 = masked[:bsz]
-  metrics = {
+    log_q = schedule.log_q(params, tt, masked, clean).reshape(num_masks, bsz)
+    loss = loss + rloo_score(f, log_q)
+  return loss, _mask_metrics(masked[:bsz], schedule, params, length)
+
+
+def rloo_score(f: Array, log_q: Array) -> Array:
+  """The leave-one-out score term [B] for K >= 2 draws: f, log_q [K, B].  Zero value;
+  its gradient is sum_k (f_k - mean_{j != k} f_j) d log_q_k / K."""
+  k = f.shape[0]
+  fs = jax.lax.stop_gradient(f)
+  loo = (jnp.sum(fs, axis=0, keepdims=True) - fs) / (k - 1)
+  score = jnp.sum((fs - loo) * log_q, axis=0) / k
+  return score - jax.lax.stop_gradient(score)
+
+
+def _mask_metrics(m0: Array, schedule: Schedule, params: Any, length: int) -> Dict[str, Array]:
+  return {
       "masked_fraction": jnp.mean(m0.astype(jnp.float32)),
       "partial_fraction": jnp.mean(
           (jnp.any(m0, -1) & jnp.any(~m0, -1)).astype(jnp.float32)),
       **schedule.train_metrics(params, length),
   }
-  return loss, metrics
+
+
+def value_dependent_terms(logits: Array, noisy: Array, clean: Array, w: Array, t: Array,
+                          codec: prime_lib.PrimeCodec, carry_over: bool = True) -> Array:
+  """Per-sequence NELBO integrand [B] of a value-dependent schedule at times t [B].
+
+  Every masked element (digit slot j of a token, clean value x) with predicted marginal
+  p over its b values costs (1/t) [w[j, x] (-log p(x)) - w[j, x] + sum_d w[j, d] p(d)]:
+  the continuous-time ELBO when the model unmasks slot j to d at rate w[j, d] p(d) / t
+  and the truth at rate w[j, x] / t.  w: exponents [ell, b].
+  """
+  lp = codec.digit_log_marginals(codec.restricted_code_logprobs(
+      logits, noisy if carry_over else None))                          # [B, L, ell, b]
+  slots = jnp.arange(codec.ell)
+  w_x = w[slots, clean]                                                # [B, L, ell]
+  lp_x = jnp.take_along_axis(lp, clean[..., None], axis=-1)[..., 0]
+  rate = jnp.sum(jnp.exp(lp) * w, axis=-1)
+  term = (w_x * (-lp_x) - w_x + rate) / t[:, None, None]
+  return jnp.sum(jnp.where(noisy == codec.mask_id, term, 0.0), axis=(1, 2))
+
+
+def order_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
+               codec: prime_lib.PrimeCodec, schedule: Schedule, cfg: DiffusionLossConfig,
+               t: Optional[Array] = None, row_ids: Optional[Array] = None,
+               num_masks: Optional[int] = None) -> Tuple[Array, Dict[str, Array]]:
+  """The t-free Plackett-Luce estimator of the (untruncated) ELBO per sequence [B].
+
+  With N = L * ell digits and log-weights ``schedule.element_log_w`` [N]: the number k of
+  decoded digits comes from the times t (stratified over the global batch, k = floor(N
+  (t - t_min) / (1 - t_min))); K = ``schedule.num_masks`` ordered prefixes of length k
+  are drawn by the Gumbel-top-k trick; each costs
+
+      f = N sum_{j undecoded} (w_j / W_rest) (-log p(x_j | decoded digits)),
+
+  and the leave-one-out score term uses the prefix's Plackett-Luce log-probability
+  sum_{m < k} [log w_{s_m} - logsumexp_{m' >= m} log w_{s_m'}]
+  (docs/method/algorithms.md §2.5 (b)).  The network is called once per prefix with the
+  times t (ignored by the time-agnostic network this needs).
+  """
+  bsz, length = tokens.shape
+  ell = codec.ell
+  n = length * ell
+  k_t, k_m, k_net = jax.random.split(key, 3)
+  if t is None:
+    t = sample_times(k_t, bsz, cfg.t_min, cfg.antithetic)
+  if num_masks is None:
+    num_masks = max(int(schedule.num_masks), 1)
+  r = (t - cfg.t_min) / (1.0 - cfg.t_min)
+  seen = jnp.clip(jnp.floor(r * n), 0, n - 1).astype(jnp.int32)        # digits decoded [B]
+  digits = codec.encode(tokens)
+  lw = schedule.element_log_w(params, length, ell)                     # [N]
+  lw_sg = jax.lax.stop_gradient(lw)
+
+  def gumbel(k):
+    if row_ids is None:
+      return jax.random.gumbel(k, (bsz, n), jnp.float32)
+    return jax.vmap(lambda r_: jax.random.gumbel(jax.random.fold_in(k, r_), (n,),
+                                                 jnp.float32))(row_ids)
+
+  keys = [k_m] + [jax.random.fold_in(k_m, j) for j in range(1, num_masks)]
+  order = jnp.concatenate([jnp.argsort(-(lw_sg[None] + gumbel(k)), axis=-1) for k in keys],
+                          axis=0)                                      # [K B, N]
+  seen_k = jnp.tile(seen, num_masks)
+  rank = jnp.argsort(order, axis=-1)                                   # place of each digit
+  masked_flat = rank >= seen_k[:, None]                                # [K B, N]
+  masked = codec.unflatten(masked_flat)
+  clean = jnp.tile(digits, (num_masks, 1, 1))
+  noisy = jnp.where(masked, codec.mask_id, clean).astype(jnp.int32)
+  if row_ids is not None:
+    k_net = jax.random.fold_in(k_net, row_ids[0])
+  tt = jnp.tile(t, num_masks)
+  logits = apply_fn(params, noisy, tt, train=True, rng=k_net)
+  chex.assert_shape(logits, (num_masks * bsz, length, codec.vocab_size))
+  nll = codec.flatten(digit_marginal_nll(logits, noisy if cfg.carry_over else None, clean,
+                                         codec))                       # [K B, N]
+  w = jnp.where(masked_flat, jnp.exp(lw)[None], 0.0)
+  f = n * jnp.sum(w * nll, axis=-1) / jnp.sum(w, axis=-1)
+  lw_sorted = lw[order]                                                # [K B, N]
+  rest = jnp.flip(jax.lax.cumlogsumexp(jnp.flip(lw_sorted, 1), axis=1), 1)
+  before = jnp.arange(n)[None, :] < seen_k[:, None]
+  log_p = jnp.sum(jnp.where(before, lw_sorted - rest, 0.0), axis=-1)
+  f = f.reshape(num_masks, bsz)
+  loss = jnp.mean(f, axis=0)
+  if num_masks >= 2 and schedule.learned:
+    loss = loss + rloo_score(f, log_p.reshape(num_masks, bsz))
+  return loss, _mask_metrics(masked[:bsz], schedule, params, length)
 
 
 def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,

@@ -15,7 +15,9 @@ k = 0..T.  One step from t = t_k to s = t_{k+1}:
    encoded to digits y^ = f(x^).
 4. Each still-masked digit becomes y^ with probability
    (alpha(s) - alpha(t)) / (1 - alpha(t)) (an independent float32 Bernoulli),
-   else stays masked; revealed digits never change.
+   else stays masked; revealed digits never change.  For a value-dependent (GenMD4)
+   schedule alpha is read at the drawn digit's value, so a digit becomes v with
+   probability p(v) (alpha_v(s) - alpha_v(t)) / (1 - alpha_v(t)).
 
 Steps 3 and 4 are the two-stage form: the unmask decision is never a joint
 (V+1)-way categorical over tokens and "stay masked", which in float32 would
@@ -186,6 +188,9 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
   # (mdm_jax/diffusion/schedules/), so each position is revealed at its own rate.
   position_alpha = (schedule.position_alpha_fn(params, seq_len)
                     if schedule.per_position else None)
+  # A value-dependent (GenMD4) schedule: alpha depends on the drawn value, so the reveal
+  # probability is read at y^ (docs/method/algorithms.md §2.7).
+  value_alpha = schedule.value_alpha_fn(params) if schedule.value_dependent else None
 
   def log_probs(digits, t, rng):
     return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,
@@ -208,7 +213,9 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
     nfe = nfe + need.astype(jnp.int32)
     x_hat = sample_categorical(k_tok, lp)                          # [B, L]
     y_hat = codec.encode(x_hat)                                    # [B, L, ell]
-    if position_alpha is not None:
+    if value_alpha is not None:
+      a_t, a_s = value_alpha(t, y_hat), value_alpha(s, y_hat)
+    elif position_alpha is not None:
       a_t, a_s = per_digit(position_alpha(t)), per_digit(position_alpha(s))
     else:
       a_t, a_s = schedule.alpha(t), schedule.alpha(s)

@@ -12,9 +12,11 @@ after each evaluation a per-position schedule's decoding order is drawn to
 from __future__ import annotations
 
 import inspect
+import json
 
 import jax
 
+from mdm_jax.core import paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
@@ -41,6 +43,13 @@ class MaskedDiffusionTask(TokenTask):
     loss_cfg = loss_config(config)
     schedule = get_schedule(config.schedule).for_codec(codec)
     schedule.check(loss_cfg, codec)
+    if getattr(schedule, "needs_time_agnostic", False) and bool(config.model.time_conditioning):
+      raise ConfigError(f"schedule.name={schedule.name!r} trains without a time (the t-free order "
+                        "estimator): it needs model.time_conditioning=False.")
+    if schedule.value_dependent and config.sampling.sampler != "ancestral":
+      raise ConfigError(f"schedule.name={schedule.name!r} reveals a digit at a rate that depends "
+                        "on its value, which only sampling.sampler='ancestral' implements; got "
+                        f"{config.sampling.sampler!r}.")
     model = build_model(config.model, vocab_size=vocab_size, ell=codec.ell, base=codec.base,
                         causal=False)
     return cls(codec=codec, model=attach_schedule(model, schedule), schedule=schedule,
@@ -80,7 +89,13 @@ class MaskedDiffusionTask(TokenTask):
     return kw
 
   def after_eval(self, params, workdir, step):
-    """The decoding-order picture of a per-position schedule (process 0)."""
+    """The decoding-order picture of a per-position schedule, and a value-dependent
+    schedule's learned exponents in ``<workdir>/schedule/step_N.json`` (process 0)."""
+    if hasattr(self.schedule, "parameter_summary"):
+      d = paths.join(workdir, "schedule")
+      paths.makedirs(d)
+      paths.atomic_write(paths.join(d, f"step_{int(step)}.json"), json.dumps(
+          self.schedule.parameter_summary(jax.device_get(params), step=step)))
     summary = self.schedule.order_summary(jax.device_get(params), self.seq_len, step=step)
     if summary is None:
       return None

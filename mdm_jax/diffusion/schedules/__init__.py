@@ -9,6 +9,9 @@ file                          family                                           n
 ``learned_poly.py``           a learned exponent per position (RLOO gradient)  learned_poly
 ``left_to_right.py``          fixed windows reaching the left-to-right limit   left_to_right
 ``slot_poly.py``              one exponent per Prime digit (coarse to fine)    slot_poly
+``learned_tilt.py``           slot_poly with the per-digit tilt learned        learned_tilt
+``genmd4.py``                 a learned exponent per (digit slot, value)       genmd4
+``plackett_luce.py``          learned_poly trained by the t-free estimator     plackett_luce
 ============================  ===============================================  ==================
 
 ``base.py`` holds the ``Schedule`` interface and the ``SCHEDULES`` registry.  A new
@@ -30,6 +33,9 @@ from mdm_jax.diffusion.schedules import univariate  # noqa: F401
 from mdm_jax.diffusion.schedules import learned_poly  # noqa: F401
 from mdm_jax.diffusion.schedules import left_to_right  # noqa: F401
 from mdm_jax.diffusion.schedules import slot_poly  # noqa: F401
+from mdm_jax.diffusion.schedules import learned_tilt  # noqa: F401
+from mdm_jax.diffusion.schedules import genmd4  # noqa: F401
+from mdm_jax.diffusion.schedules import plackett_luce  # noqa: F401
 from mdm_jax.diffusion.schedules.univariate import cosine, geometric, linear, loglinear, polynomial
 
 

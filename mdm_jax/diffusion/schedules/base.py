@@ -55,11 +55,19 @@ class Schedule:
     learned: whether it has parameters (``param_module``) trained with the model.
     num_masks: masks drawn per sequence in training; >= 2 gives the leave-one-out
       score-function gradient of the schedule's parameters.
+    value_dependent: True when an element's rate depends on its clean value (GenMD4,
+      ``genmd4.py``): the ELBO then asks ``value_mask_prob`` / ``value_exponents`` with
+      the clean digits, and the ancestral sampler ``value_alpha_fn`` with the drawn ones.
+    estimator: how training estimates the objective: ``"time"`` (draw t, then masks) or
+      ``"order"`` (the t-free Plackett-Luce estimator over decoding orders,
+      ``plackett_luce.py``; needs a time-agnostic network).  Evaluation always draws t.
   """
   name: str = ""
   per_position: bool = False
   learned: bool = False
   num_masks: int = 1
+  value_dependent: bool = False
+  estimator: str = "time"
 
   # ---- per element, t [B] -> [B, L|1, S|1]
   def mask_prob_ij(self, params, t: Array, length: int) -> Array:
@@ -95,8 +103,9 @@ class Schedule:
     """A Flax module ``(length) -> ...`` whose parameters live in ``params["schedule"]``."""
     return None
 
-  def log_q(self, params, t: Array, masked: Array) -> Array:
-    """log q(mask pattern | t) per sequence [B] (learned schedules: the score term)."""
+  def log_q(self, params, t: Array, masked: Array, digits: Optional[Array] = None) -> Array:
+    """log q(mask pattern | t) per sequence [B] (learned schedules: the score term);
+    ``digits`` are the clean digits (used by value-dependent schedules only)."""
     raise NotImplementedError(f"{self.name}: log q is only defined for learned schedules.")
 
   def position_alpha_fn(self, params, length: int) -> Callable[[Array], Array]:
