@@ -245,7 +245,8 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   """
   chex.assert_rank(tokens, 2)
   schedule.check(cfg, codec)
-  if train and schedule.estimator == "order":
+  value_dependent = getattr(schedule, "value_dependent", False)   # duck-typed schedules lack it
+  if train and getattr(schedule, "estimator", "time") == "order":
     return order_loss(apply_fn, params, tokens, key, codec=codec, schedule=schedule, cfg=cfg,
                       t=t, row_ids=row_ids, num_masks=num_masks)
   bsz, length = tokens.shape
@@ -256,7 +257,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     num_masks = schedule.num_masks if (train and schedule.learned) else 1
   digits = codec.encode(tokens)
   grouped = (t > cfg.chunk_point) if cfg.chunk_point < 1.0 and codec.ell > 1 else None
-  if schedule.value_dependent:                                           # [B, L, S]
+  if value_dependent:                                                    # [B, L, S]
     p_mask = jax.lax.stop_gradient(schedule.value_mask_prob(params, t, digits))
   else:
     p_mask = jax.lax.stop_gradient(schedule.mask_prob_ij(params, t, length))   # [B, L|1, S|1]
@@ -277,7 +278,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     n = jnp.sum(jnp.any(masked, axis=-1), axis=-1).astype(jnp.float32)
     f = (jnp.sum(nll, axis=-1) * length / jnp.maximum(n, 1.0)).reshape(num_masks, bsz)
     loss = jnp.mean(f, axis=0)
-  elif schedule.value_dependent:
+  elif value_dependent:
     f = value_dependent_terms(logits, noisy, clean, schedule.exponents(params), tt, codec,
                               cfg.carry_over) * (1.0 - cfg.t_min)
     f = f.reshape(num_masks, bsz)
@@ -299,7 +300,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     loss = (f[0] if num_masks == 1 else jnp.mean(f, axis=0)) + reconstruction_bound(
         schedule, cfg.t_min, length, codec, params)
   if num_masks >= 2 and schedule.learned:        # RLOO score term, zero value
-    log_q = schedule.log_q(params, tt, masked, clean).reshape(num_masks, bsz)
+    # Only value-dependent schedules take the clean digits (older schedules: 3 arguments).
+    log_q = (schedule.log_q(params, tt, masked, clean) if value_dependent
+             else schedule.log_q(params, tt, masked)).reshape(num_masks, bsz)
     loss = loss + rloo_score(f, log_q)
   return loss, _mask_metrics(masked[:bsz], schedule, params, length)
 

@@ -46,7 +46,7 @@ class MaskedDiffusionTask(TokenTask):
     if getattr(schedule, "needs_time_agnostic", False) and bool(config.model.time_conditioning):
       raise ConfigError(f"schedule.name={schedule.name!r} trains without a time (the t-free order "
                         "estimator): it needs model.time_conditioning=False.")
-    if schedule.value_dependent and config.sampling.sampler != "ancestral":
+    if getattr(schedule, "value_dependent", False) and config.sampling.sampler != "ancestral":
       raise ConfigError(f"schedule.name={schedule.name!r} reveals a digit at a rate that depends "
                         "on its value, which only sampling.sampler='ancestral' implements; got "
                         f"{config.sampling.sampler!r}.")
