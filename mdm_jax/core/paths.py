@@ -308,3 +308,15 @@ def download(remote: str, local: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
   with open(remote, "rb") as src, builtins.open(local, "wb") as dst:
     shutil.copyfileobj(src, dst, 4 << 20)
+
+
+def publish_directory(tmp: str, final: str) -> None:
+  """Moves the finished local directory ``tmp`` to ``final`` by renames, replacing an old
+  ``final`` (set aside first, removed after), so ``final`` is never half-written."""
+  old = None
+  if os.path.lexists(final):
+    old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

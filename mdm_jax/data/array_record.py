@@ -377,17 +377,6 @@ def _claim_output(output_dir: str, overwrite: bool) -> str:
   return tmp
 
 
-def _publish(tmp: str, output_dir: str) -> None:
-  """Atomically moves the finished temp dir to ``output_dir`` (replacing an old one)."""
-  old = None
-  if os.path.lexists(output_dir):
-    old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(output_dir, old)
-  os.replace(tmp, output_dir)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(data_config, output_dir: str, *, source: str = "", source_config: str = "",
             train_split: str = "train", eval_split: str = "", text_key: str = "text",
             max_documents: int = 0, tfds_data_dir: Optional[str] = None,
@@ -538,7 +527,7 @@ def prepare(data_config, output_dir: str, *, source: str = "", source_config: st
     }
     # metadata.json is written last, then the whole directory appears at once.
     tokenizers_lib.atomic_write(os.path.join(tmp, METADATA_FILE), json.dumps(meta, indent=2))
-    _publish(tmp, output_dir)
+    paths.publish_directory(tmp, output_dir)
   except BaseException:
     for w in writers.values():
       w._close_current()  # pylint: disable=protected-access

@@ -225,17 +225,6 @@ def _claim(workdir: str, overwrite: bool) -> str:
   return tmp
 
 
-def _publish(tmp: str, workdir: str) -> None:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  old = None
-  if os.path.lexists(workdir):
-    old = f"{workdir}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(workdir, old)
-  os.replace(tmp, workdir)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_config=None,
                        num_heads: Optional[int] = None, overwrite: bool = False,
                        progress: Callable[[str], None] = lambda msg: None) -> Dict[str, Any]:
@@ -310,7 +299,7 @@ def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_confi
     }
     with open(os.path.join(tmp, PROVENANCE_FILE), "w", encoding="utf-8") as f:
       json.dump(provenance, f, indent=2)
-    _publish(tmp, workdir)
+    paths.publish_directory(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

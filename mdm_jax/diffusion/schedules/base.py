@@ -45,6 +45,22 @@ def f32(t):
   return t.astype(jnp.promote_types(t.dtype, jnp.float32))
 
 
+def num_masks_from(config) -> int:
+  """``schedule.num_masks``, checked (>= 1; 2 or more gives the leave-one-out gradient)."""
+  k = int(config.num_masks)
+  if k < 1:
+    raise ConfigError(f"schedule.num_masks must be >= 1 (2 for the RLOO estimator), got {k}.")
+  return k
+
+
+def lr_scale_from(config) -> float:
+  """``schedule.lr_scale``, checked (a positive finite number)."""
+  lr_scale = float(config.lr_scale)
+  if not (np.isfinite(lr_scale) and lr_scale > 0):
+    raise ConfigError(f"schedule.lr_scale must be a positive number, got {lr_scale}.")
+  return lr_scale
+
+
 class Schedule:
   """The interface of a masking schedule (see the module docstring).
 

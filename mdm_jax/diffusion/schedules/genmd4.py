@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.core.errors import ConfigError
-from mdm_jax.diffusion.schedules.base import SCHEDULES, Schedule
+from mdm_jax.diffusion.schedules.base import SCHEDULES, Schedule, lr_scale_from, num_masks_from
 
 Array = jax.Array
 SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))      # softplus(0.5413) = 1
@@ -203,10 +203,5 @@ class GenMD4Schedule(Schedule):
 @SCHEDULES.register("genmd4")
 def genmd4(config) -> GenMD4Schedule:
   """GenMD4 per-value exponents (keys schedule.num_masks, grad_scale, lr_scale)."""
-  k = int(config.num_masks)
-  if k < 1:
-    raise ConfigError(f"schedule.num_masks must be >= 1 (2 for the RLOO estimator), got {k}.")
-  lr_scale = float(config.lr_scale)
-  if not (math.isfinite(lr_scale) and lr_scale > 0):
-    raise ConfigError(f"schedule.lr_scale must be a positive number, got {lr_scale}.")
-  return GenMD4Schedule(num_masks=k, grad_scale=float(config.grad_scale), lr_scale=lr_scale)
+  return GenMD4Schedule(num_masks=num_masks_from(config), grad_scale=float(config.grad_scale),
+                        lr_scale=lr_scale_from(config))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.core.errors import ConfigError
-from mdm_jax.diffusion.schedules.base import SCHEDULES, PositionOrderSchedule
+from mdm_jax.diffusion.schedules.base import SCHEDULES, PositionOrderSchedule, num_masks_from
 
 Array = jax.Array
 ORDER_PARAMS = ("free", "mlp")
@@ -167,8 +167,6 @@ def learned_poly(config) -> LearnedPolySchedule:
     module = PositionMLPOrder(hidden=int(config.order_hidden), max_log_w=max_log_w)
   else:
     raise ConfigError(f"schedule.order must be one of {ORDER_PARAMS}, got {order!r}.")
-  k = int(config.num_masks)
-  if k < 1:
-    raise ConfigError(f"schedule.num_masks must be >= 1 (2 for the RLOO estimator), got {k}.")
-  return LearnedPolySchedule(name="learned_poly", order_module=module, num_masks=k,
+  return LearnedPolySchedule(name="learned_poly", order_module=module,
+                             num_masks=num_masks_from(config),
                              grad_scale=float(config.grad_scale))

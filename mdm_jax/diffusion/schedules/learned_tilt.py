@@ -22,14 +22,12 @@ lets classes differ, is ``genmd4``.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mdm_jax.core.errors import ConfigError
-from mdm_jax.diffusion.schedules.base import SCHEDULES
+from mdm_jax.diffusion.schedules.base import SCHEDULES, lr_scale_from, num_masks_from
 from mdm_jax.diffusion.schedules.genmd4 import scale_gradient
 from mdm_jax.diffusion.schedules.slot_poly import SlotPolySchedule
 
@@ -82,14 +80,6 @@ class LearnedTiltSchedule(SlotPolySchedule):
   def _w(self, params) -> Array:
     return jnp.exp(self.log_w(params))[None, None, :]
 
-  def mask_prob_ij(self, params, t, length):
-    t = jnp.asarray(t, jnp.float32)[:, None, None]
-    return jnp.broadcast_to(jnp.exp(self._w(params) * jnp.log(t)), (t.shape[0], length, self.ell))
-
-  def weight_ij(self, params, t, length):
-    t = jnp.asarray(t, jnp.float32)[:, None, None]
-    return jnp.broadcast_to(self._w(params) / t, (t.shape[0], length, self.ell))
-
   def alpha(self, t):
     """The population rate at initialisation (log w = 0): linear."""
     return 1.0 - jnp.asarray(t, jnp.float32)
@@ -113,10 +103,5 @@ class LearnedTiltSchedule(SlotPolySchedule):
 @SCHEDULES.register("learned_tilt")
 def learned_tilt(config) -> LearnedTiltSchedule:
   """A learned per-slot tilt (keys schedule.num_masks, grad_scale, lr_scale)."""
-  k = int(config.num_masks)
-  if k < 1:
-    raise ConfigError(f"schedule.num_masks must be >= 1 (2 for the RLOO estimator), got {k}.")
-  lr_scale = float(config.lr_scale)
-  if not (math.isfinite(lr_scale) and lr_scale > 0):
-    raise ConfigError(f"schedule.lr_scale must be a positive number, got {lr_scale}.")
-  return LearnedTiltSchedule(num_masks=k, grad_scale=float(config.grad_scale), lr_scale=lr_scale)
+  return LearnedTiltSchedule(num_masks=num_masks_from(config),
+                             grad_scale=float(config.grad_scale), lr_scale=lr_scale_from(config))

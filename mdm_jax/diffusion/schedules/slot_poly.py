@@ -59,17 +59,18 @@ class SlotPolySchedule(Schedule):
     lw = float(self.slot_tilt) * (self.ell - 1 - j) / (self.ell - 1)
     return lw - jnp.min(lw)
 
-  def mask_prob_ij(self, params, t, length):
+  def _w(self, params) -> Array:
+    """The exponents [1, 1, ell] (a learned subclass reads them from ``params``)."""
     del params
+    return jnp.exp(self.slot_log_w())[None, None, :]
+
+  def mask_prob_ij(self, params, t, length):
     t = jnp.asarray(t, jnp.float32)[:, None, None]
-    w = jnp.exp(self.slot_log_w())[None, None, :]
-    return jnp.broadcast_to(jnp.exp(w * jnp.log(t)), (t.shape[0], length, self.ell))
+    return jnp.broadcast_to(jnp.exp(self._w(params) * jnp.log(t)), (t.shape[0], length, self.ell))
 
   def weight_ij(self, params, t, length):
-    del params
     t = jnp.asarray(t, jnp.float32)[:, None, None]
-    w = jnp.exp(self.slot_log_w())[None, None, :]
-    return jnp.broadcast_to(w / t, (t.shape[0], length, self.ell))
+    return jnp.broadcast_to(self._w(params) / t, (t.shape[0], length, self.ell))
 
   def alpha(self, t):
     """The population rate: the mean over a token's digits."""
