@@ -274,6 +274,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)           # over axes (data, fsdp, tensor); -1 = the rest
   c.mesh.axes = ("data", "fsdp", "tensor")
+  # () = JAX's device order.  Else a permutation of range(#devices): the mesh is those
+  # devices, in this order, reshaped to mesh.shape (row-major), e.g. to choose which mesh
+  # axes cross hosts: with 2 hosts x 2 devices, (0, 2, 3, 1) and shape (1, 2, 2) put both
+  # fsdp and tensor across the hosts.
+  c.mesh.device_order = ()
   # logical axis name -> mesh axis (or None = replicated); order matters.
   c.mesh.logical_rules = (
       ("batch", ("data", "fsdp")),

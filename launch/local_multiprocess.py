@@ -16,9 +16,15 @@ allocation do.  Everything after ``--`` is passed to ``mdm_jax.main``.
 * A free TCP port on localhost is picked unless ``--port`` is given.
 * Each process writes stdout+stderr to ``LOG_DIR/process_<i>.log``
   (default ``<workdir>/logs``); process 0's output is also echoed here.
+* Each process's PID is written to ``LOG_DIR/process_<i>.pid`` (to signal one
+  process, e.g. ``kill -TERM $(cat runs/x/logs/process_1.pid)``).
 * The launcher waits for all processes.  If one fails, the others are
   terminated and the launcher exits with the failing process's status
   (or 1 if it died of a signal); Ctrl-C terminates all of them.
+* Status 75 (``mdm_jax.main`` was preempted: SIGTERM, the step saved) is not a
+  failure of one process: every process saves the same step and exits 75 on its
+  own, so the launcher waits up to ``--preemption_grace`` seconds for the others
+  before it stops them, and exits with 75.
 * ``--timeout``: past it, every process is first sent SIGUSR1 (``mdm_jax.main``
   then writes all its threads' Python stacks to its log), then all are stopped,
   the last lines of each log are printed, and the launcher exits with 124.
@@ -39,6 +45,7 @@ import time
 from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREEMPTED_EXIT_CODE = 75      # mdm_jax.trainers.preemption: saved the step, run again
 
 
 def free_port(host: str = "localhost") -> int:
@@ -147,6 +154,9 @@ def parse_args(argv: List[str]):
   ap.add_argument("--timeout", type=float, default=0,
                   help="Kill everything after this many seconds (0 = no limit).")
   ap.add_argument("--quiet", action="store_true", help="Do not echo process 0's output.")
+  ap.add_argument("--preemption_grace", type=float, default=180,
+                  help="After one process exits 75 (preempted), seconds to wait for the others "
+                       "to save the same step and exit by themselves.")
   args = ap.parse_args(own)
   if args.num_processes < 1:
     ap.error("--num_processes must be >= 1")
@@ -180,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
       p = subprocess.Popen(cmd, cwd=os.getcwd(), env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, start_new_session=True)
       procs.append(p)
+      with open(os.path.join(log_dir, f"process_{i}.pid"), "w") as f:
+        f.write(f"{p.pid}\n")
       t = threading.Thread(target=_pump, args=(p.stdout, log, i == 0 and not args.quiet),
                            daemon=True)
       t.start()
@@ -187,8 +199,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start = time.time()
     status = 0
+    preempted_at = None
     while True:
       codes = [p.poll() for p in procs]
+      if PREEMPTED_EXIT_CODE in codes and all(c in (None, 0, PREEMPTED_EXIT_CODE)
+                                              for c in codes):
+        if all(c is not None for c in codes):
+          print(f"[launcher] preempted: the processes saved their step and exited "
+                f"{PREEMPTED_EXIT_CODE}; run the same command again to resume.",
+                file=sys.stderr, flush=True)
+          status = PREEMPTED_EXIT_CODE
+          break
+        preempted_at = preempted_at or time.time()
+        if time.time() - preempted_at < args.preemption_grace:
+          time.sleep(0.1)
+          continue
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i, c = failed[0]
@@ -214,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _terminate(procs)
     for t in pumps:
       t.join(timeout=5)
-    if status:
+    if status and status != PREEMPTED_EXIT_CODE:
       for i, p in enumerate(procs):
         if i != 0 or args.quiet:
           # After a timeout every process is of interest (a hang is usually two processes
@@ -224,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           if tail and (status == 124 or
                        p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL)):
             print(f"[launcher] last lines of process {i}:\n{tail}", file=sys.stderr)
-    else:
+    elif not status:
       print(f"[launcher] all {args.num_processes} processes finished.", flush=True)
     return status
   finally:

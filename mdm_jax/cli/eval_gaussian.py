@@ -31,6 +31,7 @@ import numpy as np
 from absl import app
 
 from mdm_jax.core import sharding as shd
+from mdm_jax.core import distributed
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
 from mdm_jax.metrics import classifier as classifier_lib
@@ -71,7 +72,8 @@ def evaluate_gaussian(config, workdir: str, classifier_path: str, num_samples: i
     raise ConfigError("eval_gaussian needs an objective='gaussian' checkpoint; use "
                       "mdm_jax.cli.eval_images for the discrete image models.")
   eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
-  batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches))
+  batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
+                              *shd.process_batch_slice(mesh))
   params = state.ema_params if config.eval.use_ema else state.params
   ev = evaluate(eval_step, task, params, batches, mesh, int(config.eval.seed))
   sparams = state.ema_params if config.sampling.use_ema else state.params
@@ -102,7 +104,7 @@ def evaluate_gaussian(config, workdir: str, classifier_path: str, num_samples: i
       imgs.append(data.tokenizer.decode(np.asarray(res.tokens)))
     imgs = np.concatenate(imgs)[:n]
     fd = classifier_lib.classifier_frechet_distance(clf, imgs, ref)
-    grid = write_png(os.path.join(out_dir, f"fd_step_{step}_w{w:g}.png"),
+    grid = _on_main(write_png, os.path.join(out_dir, f"fd_step_{step}_w{w:g}.png"),
                      image_grid(imgs[:100], ncols=10, scale=2))
     result[f"w{w:g}"] = {"classifier_frechet_distance": fd, "sampler": stats["sampler"],
                          "sampling_steps": stats["num_steps"], "nfe_per_sample": stats["nfe"],
@@ -116,6 +118,9 @@ def evaluate_gaussian(config, workdir: str, classifier_path: str, num_samples: i
 def clean_branch_probes(config, workdir: str, ratio: float = 0.5) -> Dict[str, Any]:
   """The context and collapse probes of branch C (``GaussianTask.clean_probes``), averaged
   over ``eval.num_batches`` held-out batches, per eval noise level."""
+  if jax.process_count() > 1:
+    raise ConfigError("--mode=probes runs in one process; start it without the multi-process "
+                      "launcher (it reads a few held-out batches only).")
   task, state, mesh, rules, data, _ = restore_for_inference(config, workdir)
   if getattr(task, "objective", "") != "gaussian" or not task.mc.has_clean_branch:
     raise ValueError("--mode=probes needs an objective='gaussian' checkpoint with a clean "
@@ -145,10 +150,16 @@ def clean_branch_probes(config, workdir: str, ratio: float = 0.5) -> Dict[str, A
   return result
 
 
+def _on_main(write, path, picture):
+  """``write(path, picture)`` on process 0; the path everywhere (every process reports it)."""
+  return write(path, picture) if jax.process_index() == 0 else path
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   f = flags.FLAGS
+  distributed.maybe_initialize()     # one job over every host of a pod or allocation
   if f.mode == "flops":
     print(json.dumps(train_step_flops(f.config), indent=2))
     return

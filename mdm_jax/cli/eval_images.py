@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from absl import app
 
+from mdm_jax.core import distributed
+from mdm_jax.core import sharding as shd
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
 from mdm_jax.data import build_data
@@ -58,7 +60,8 @@ def evaluate_images(config, workdir: str, classifier_path: str, num_samples: int
     raise ConfigError("evaluate_images needs an image dataset (data.dataset = fashion_mnist | "
                      "image_folder | tfds_images).")
   eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
-  batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches))
+  batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
+                              *shd.process_batch_slice(mesh))
   params = state.ema_params if config.eval.use_ema else state.params
   ev = evaluate(eval_step, task, params, batches, mesh, int(config.eval.seed))
   n = int(num_samples or config.eval.get("fd_num_samples", 1000))
@@ -75,7 +78,7 @@ def evaluate_images(config, workdir: str, classifier_path: str, num_samples: int
   fd_floor = classifier_lib.classifier_frechet_distance(clf, data.images("train", n), ref)
   step = int(state.step)
   out_dir = os.path.join(workdir, "samples")
-  grid = write_png(os.path.join(out_dir, f"fd_step_{step}.png"),
+  grid = _on_main(write_png, os.path.join(out_dir, f"fd_step_{step}.png"),
                    image_grid(samples[:64], scale=2))
   result = {
       "step": step, "bits_per_dim": classifier_lib.bits_per_dim(ev["nll"]), "eval_nll": ev["nll"],
@@ -114,7 +117,7 @@ def evaluate_generator(config, workdir: str, classifier_path: str, num_samples: 
   ref = data.images("eval")
   fd = classifier_lib.classifier_frechet_distance(clf, samples, ref)
   fd_floor = classifier_lib.classifier_frechet_distance(clf, data.images("train", n), ref)
-  grid = write_png(os.path.join(workdir, "samples", f"fd_step_{step}.png"),
+  grid = _on_main(write_png, os.path.join(workdir, "samples", f"fd_step_{step}.png"),
                    image_grid(samples[:64], scale=2))
   result = {
       "step": step, "method": "Di[M]O one-step generator", "classifier_frechet_distance": fd,
@@ -133,10 +136,16 @@ def evaluate_generator(config, workdir: str, classifier_path: str, num_samples: 
   return result
 
 
+def _on_main(write, path, picture):
+  """``write(path, picture)`` on process 0; the path everywhere (every process reports it)."""
+  return write(path, picture) if jax.process_index() == 0 else path
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   f = flags.FLAGS
+  distributed.maybe_initialize()     # one job over every host of a pod or allocation
   config = f.config
   if f.mode == "train_classifier":
     path = f.classifier_path or config.eval.get("classifier_path", "")

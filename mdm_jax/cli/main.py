@@ -26,6 +26,9 @@ import json
 import os
 import shutil
 import sys
+import traceback
+
+import jax
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -124,6 +127,12 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=shakespeare_prime")
   if _MODE.value == "prepare":
+    if int(os.environ.get("JAX_PROCESS_ID", "0") or 0) > 0:
+      # Preparation is one host's job: under a multi-process launcher the others would
+      # write the same files.  Process 0 prepares; train then reads it from every host.
+      print(f"prepare: process {os.environ['JAX_PROCESS_ID']} leaves --mode=prepare to "
+            "process 0.", file=sys.stderr)
+      return
     if not _OUTPUT.value:
       raise app.UsageError("--mode=prepare needs --output=DIR (the dataset directory to write).")
     try:
@@ -155,19 +164,34 @@ def main(argv):
     sys.exit(PREEMPTED_EXIT_CODE)
   except (ConfigError, CheckpointError, FileNotFoundError, WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.exit_without_barrier(2)
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    distributed.exit_without_barrier(1)
   except OSError as e:
     if e.errno != errno.ENOSPC:
+      _fail_fast_if_multiprocess()
       raise
     free = shutil.disk_usage(workdir).free / 2 ** 20 if os.path.isdir(workdir) else 0.0
     print(f"error: No space left on {e.filename or workdir}: {free:.0f} MiB free in {workdir}. "
           "Free space and re-run the same command; training resumes from its last checkpoint.",
           file=sys.stderr)
-    sys.exit(2)
+    distributed.exit_without_barrier(2)
+  except Exception:  # pylint: disable=broad-except
+    _fail_fast_if_multiprocess()
+    raise
   print(json.dumps(result, indent=2, default=str))
+
+
+def _fail_fast_if_multiprocess() -> None:
+  """In a multi-process job, prints the traceback and exits with status 1 at once (the
+  other processes would otherwise hold the job in JAX's shutdown barrier for minutes);
+  a single process lets the exception propagate as usual."""
+  if jax.process_count() > 1:
+    traceback.print_exc()
+    print(f"error: process {jax.process_index()} failed (traceback above); stopping the job.",
+          file=sys.stderr)
+    distributed.exit_without_barrier(1)
 
 
 parse_flags = flags_parser(

@@ -7,6 +7,7 @@ import os
 import signal
 
 import jax
+import numpy as np
 from absl import logging
 
 _ENV_HINTS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
@@ -112,3 +113,44 @@ def maybe_initialize() -> None:
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
+
+
+def host_arrays(tree):
+  """``tree`` with every ``jax.Array`` turned into a NumPy array on this host.
+
+  An array that spans other processes' devices (FSDP or tensor sharding across hosts)
+  cannot be read by one process alone; it is gathered with
+  ``multihost_utils.process_allgather``, which is a collective: **every process must call
+  this with the same tree**, or the job waits forever.  Arrays this process can read
+  whole (local, or replicated on its devices) are copied without communication.  Leaves
+  that are not jax arrays pass through unchanged.
+  """
+  def one(x):
+    if not isinstance(x, jax.Array):
+      return x
+    if x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+def exit_without_barrier(code: int) -> None:
+  """Exits at once with ``code`` when a multi-process job must stop on an error.
+
+  ``jax.distributed`` ends each process with a shutdown barrier that waits for all the
+  others; after an error on one process the others are usually waiting in a collective
+  that will never complete, so the barrier only times out minutes later.  Flushing the
+  output and leaving with ``os._exit`` lets the launcher (or the cluster scheduler) see
+  the failure and stop the job straight away.  A single process exits normally.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  if jax.process_count() <= 1 or code == 0:
+    sys.exit(code)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -47,12 +47,24 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, ...
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh with Auto axis types (rule-based GSPMD)."""
+  """Builds a (data, fsdp, tensor) mesh with Auto axis types (rule-based GSPMD).
+
+  ``mesh_config.device_order`` (optional): a permutation of the device indices; the mesh
+  is then exactly those devices in that order, reshaped to the mesh shape.
+  """
   devices = jax.devices() if devices is None else list(devices)
   if tuple(mesh_config.axes) != MESH_AXES:
     raise ValueError(f"config.mesh.axes must be {MESH_AXES}, got {tuple(mesh_config.axes)}.")
   shape = resolve_mesh_shape(mesh_config.shape, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  order = tuple(int(i) for i in (mesh_config.get("device_order", ()) or ()))
+  if order:
+    if sorted(order) != list(range(len(devices))):
+      raise ValueError(f"config.mesh.device_order={order} must be a permutation of "
+                       f"0..{len(devices) - 1} (one entry per device).")
+    grid = np.empty(len(devices), dtype=object)
+    grid[:] = [devices[i] for i in order]
+    return Mesh(grid.reshape(shape), MESH_AXES, axis_types=axis_types)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   except TypeError:  # older signatures without devices=
@@ -117,6 +129,39 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def process_batch_slice(mesh: Mesh) -> Tuple[int, int]:
+  """``(index, count)``: this process loads slice ``index`` of ``count`` equal slices of
+  each global batch.
+
+  The batch is sharded over (data, fsdp).  With the usual host-major device order each
+  process holds its own block of rows, so this is ``(process_index, process_count)``.
+  When an axis that replicates the batch (tensor) crosses hosts, several processes hold
+  the same rows and must load the same slice: e.g. with tensor parallelism over every
+  host, each process loads the whole batch ``(0, 1)``.
+
+  Raises:
+    ValueError: the mesh gives a process rows that are not one contiguous block of the
+      same size as every other process's (reorder ``mesh.device_order``).
+  """
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  grid = np.asarray(mesh.devices).reshape(shards, -1)      # batch shard x tensor
+  mine = sorted({int(i) for i, row in enumerate(grid)
+                 for d in row if d.process_index == jax.process_index()})
+  blocks = set()
+  for p in {d.process_index for d in grid.flat}:
+    rows = sorted({int(i) for i, row in enumerate(grid) for d in row if d.process_index == p})
+    blocks.add((rows[0], len(rows), rows == list(range(rows[0], rows[0] + len(rows)))))
+  sizes = {n for _, n, _ in blocks}
+  starts = sorted({s for s, _, _ in blocks})
+  if (len(sizes) != 1 or not all(ok for _, _, ok in blocks)
+      or any(b - a != next(iter(sizes)) for a, b in zip(starts, starts[1:]))):
+    raise ValueError(
+        f"mesh {dict(mesh.shape)}: each process must hold one contiguous block of batch rows "
+        "of the same size as every other process's; change mesh.device_order or mesh.shape.")
+  size = len(mine)
+  return mine[0] // size, shards // size
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mdm_jax.core import distributed
 from mdm_jax.metrics.text import unigram_entropy
 from mdm_jax.sampling.registry import get_sampler
 
@@ -78,7 +79,7 @@ def run_sampler(apply_fn: Callable, params, name: str, kwargs: Dict[str, Any], *
     t0 = time.time()
     res = jax.block_until_ready(compiled(params, rng))
     wall = time.time() - t0
-  res = jax.tree.map(to_host_readable, res)
+  res = distributed.host_arrays(res)     # samples sharded over processes: gathered
   tokens = np.asarray(res.tokens)
   stats = {"sampler": name, "num_samples": int(num_samples), "seq_len": int(seq_len),
            "num_steps": int(num_steps), "nfe": int(res.nfe), "wall_time_s": wall,
@@ -90,11 +91,3 @@ def run_sampler(apply_fn: Callable, params, name: str, kwargs: Dict[str, Any], *
   for key, val in (getattr(res, "aux", None) or {}).items():   # e.g. steps, remasked
     stats[key] = np.asarray(val).item()
   return res, stats
-
-
-def to_host_readable(x):
-  """Gathers an array sharded over several processes (a collective: every process calls it)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return multihost_utils.process_allgather(x, tiled=True)
-  return x

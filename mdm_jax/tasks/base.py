@@ -13,7 +13,7 @@ model is one new file with a ``Task`` subclass registered by ``@TASKS.register(n
 * ``eval_sums(params, batch, key)`` and ``eval_summary(sums)``: sums the trainer adds
   over the eval batches, and the report made of them (``nll`` is the headline number);
 * ``generate(params, config, ...)``: samples and their stats;
-* ``after_eval(params, workdir, step)``: pictures or files a task writes after each eval
+* ``after_eval(params, workdir, step, write=...)``: pictures or files a task writes after each eval
   (it returns ``{tag: png_path}`` for TensorBoard, or None);
 * ``sample_pictures(result)``: RGB pictures drawn from a ``generate`` result (the masking
   picture of a sampler's trajectory), written beside the samples;
@@ -84,8 +84,11 @@ class Task:
                sampler: Optional[str] = None, mesh=None, rules=None, **kwargs):
     raise NotImplementedError
 
-  def after_eval(self, params, workdir: str, step: int) -> Optional[Dict[str, str]]:
-    del params, workdir, step
+  def after_eval(self, params, workdir: str, step: int, *,
+                 write: bool = True) -> Optional[Dict[str, str]]:
+    """Called on every process after each evaluation (``params`` may span processes, so
+    any read of them must be collective); only the process with ``write`` writes files."""
+    del params, workdir, step, write
     return None
 
   def sample_pictures(self, result) -> Dict[str, np.ndarray]:

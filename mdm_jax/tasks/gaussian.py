@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdm_jax.core import distributed
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import gaussian as g
@@ -438,6 +439,7 @@ class GaussianTask(Task):
       t0 = time.time()
       x, nfe = jax.block_until_ready(compiled(params, rng, labels))
       wall = time.time() - t0
+    x, nfe = distributed.host_arrays((x, nfe))   # collective when x spans processes
     tokens = np.asarray(float_to_tokens(x, self.gc.num_levels))
     stats = {"sampler": sampler, "guidance": w, "num_samples": n, "seq_len": self.seq_len,
              "num_steps": steps, "nfe": int(nfe), "wall_time_s": wall,

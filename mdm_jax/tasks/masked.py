@@ -14,9 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 
-import jax
-
-from mdm_jax.core import paths
+from mdm_jax.core import distributed, paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
@@ -88,15 +86,24 @@ class MaskedDiffusionTask(TokenTask):
       kw["chunk_point"] = self.loss_cfg.chunk_point   # grouped reveals mirror training
     return kw
 
-  def after_eval(self, params, workdir, step):
+  def after_eval(self, params, workdir, step, *, write=True):
     """The decoding-order picture of a per-position schedule, and a value-dependent
-    schedule's learned exponents in ``<workdir>/schedule/step_N.json`` (process 0)."""
+    schedule's learned exponents in ``<workdir>/schedule/step_N.json``.
+
+    Every process calls it: the schedule's parameters (``params["schedule"]``, the only
+    part read here) may be sharded across processes, so they are gathered collectively
+    (``distributed.host_arrays``); the process with ``write`` writes the files.
+    """
+    host = (distributed.host_arrays({"schedule": params["schedule"]})
+            if "schedule" in params else {})
+    if not write:
+      return None
     if hasattr(self.schedule, "parameter_summary"):
       d = paths.join(workdir, "schedule")
       paths.makedirs(d)
       paths.atomic_write(paths.join(d, f"step_{int(step)}.json"), json.dumps(
-          self.schedule.parameter_summary(jax.device_get(params), step=step)))
-    summary = self.schedule.order_summary(jax.device_get(params), self.seq_len, step=step)
+          self.schedule.parameter_summary(host, step=step)))
+    summary = self.schedule.order_summary(host, self.seq_len, step=step)
     if summary is None:
       return None
     _, png = write_order(summary, workdir)

@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional
 
 import jax
 
-from mdm_jax.core import paths
+from mdm_jax.core import distributed, paths
+from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import from_dict, to_dict
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.metrics.gen_ppl import Scorer
@@ -22,7 +23,7 @@ def evaluate_checkpoint(config, workdir: str) -> Dict[str, Any]:
   task, state, mesh, rules, data, shardings = restore_for_inference(config, workdir)
   eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
   batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
-                              jax.process_index(), jax.process_count())
+                              *shd.process_batch_slice(mesh))
   params = state.ema_params if config.eval.use_ema else state.params
   res = evaluate(eval_step, task, params, batches, mesh, int(config.eval.seed))
   res["step"] = int(state.step)
@@ -86,7 +87,7 @@ def load_scorer(workdir: str, config=None, restore: Optional[str] = None) -> Sco
   task, state, _, _, data, _ = restore_for_inference(config, workdir)
   params = state.ema_params if config.eval.use_ema else state.params
   nll = jax.jit(task.token_nll)
-  return Scorer(token_nll=lambda tokens: jax.device_get(nll(params, tokens)),
+  return Scorer(token_nll=lambda tokens: distributed.host_arrays(nll(params, tokens)),
                 tokenizer=data.tokenizer, seq_len=int(task.seq_len), name=workdir,
                 step=int(state.step), eval_rows=getattr(data, "eval", None))
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mdm_jax.core import paths
+from mdm_jax.core import distributed, paths
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import save_config, to_dict
 from mdm_jax.trainers import checkpoint as ckpt_lib
@@ -69,7 +69,7 @@ def _train(config, workdir: str, lock: WorkdirLock) -> Dict[str, Any]:
                task.describe(), dict(mesh.shape))
 
   train_ds = data.train_dataset(int(config.training.batch_size), int(config.data.shuffle_seed),
-                                jax.process_index(), jax.process_count())
+                                *shd.process_batch_slice(mesh))
   train_iter = iter(train_ds)
   cfg_dict = to_dict(config)
   ckpt = ckpt_lib.Checkpointer(paths.join(workdir, CHECKPOINT_DIR),
@@ -111,7 +111,7 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
   train_step = make_train_step(task, tx, config, mesh, rules, shardings)
   eval_step = make_eval_step(task, config, mesh, rules, shardings.params)
   eval_batches = data.eval_batches(int(config.eval.batch_size), int(config.eval.num_batches),
-                                   jax.process_index(), jax.process_count())
+                                   *shd.process_batch_slice(mesh))
   num_steps = int(config.training.num_steps)
   start = int(state.step)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start,
@@ -158,7 +158,7 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
         ckpt.poll()
         if done % int(config.training.log_every) == 0 or done == num_steps:
           lock.heartbeat()
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m = {k: float(v) for k, v in distributed.host_arrays(metrics).items()}
           if not math.isfinite(m["loss"]):
             last = ckpt.latest_step()
             raise FloatingPointError(
@@ -176,8 +176,9 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
           progress.message(f"eval @ {done}: " + last_eval.get(
               "message", f"nll {last_eval['nll']:.4f} nats/token, "
               f"perplexity bound {last_eval.get('ppl_bound', float('nan')):.3f}"))
-          if is_main:
-            writer.write_images(done, task.after_eval(eval_params(state), workdir, done) or {})
+          # Every process: the pictures read parameters that may span processes.
+          pictures = task.after_eval(eval_params(state), workdir, done, write=is_main)
+          writer.write_images(done, pictures or {})
           if best_ckpt is not None and done not in set(best_ckpt.all_steps()):
             _check_finite(state, done, ckpt)
             best_ckpt.save(done, state, None, cfg_dict, force=True,
@@ -204,7 +205,7 @@ def _loop(config, workdir, run, state, shardings, train_iter, cfg_dict, ckpt, be
     writer.close()
   result = {"step": int(state.step), **{f"eval_{k}": v for k, v in last_eval.items()}}
   if metrics is not None:
-    result["train_loss"] = float(jax.device_get(metrics["loss"]))
+    result["train_loss"] = float(distributed.host_arrays(metrics["loss"]))
   if is_main:
     paths.atomic_write(paths.join(workdir, "final_metrics.json"), json.dumps(result, indent=2))
     files = sorted({p[len(workdir):].lstrip("/" + os.sep) for p in last_files.values()})

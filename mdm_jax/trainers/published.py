@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdm_jax.core import paths
+from mdm_jax.core import distributed, paths
 from mdm_jax.core import sharding as shd
 from mdm_jax.core import torch_files
 from mdm_jax.core.config import from_dict, load_config, to_dict
@@ -330,8 +330,8 @@ def export_checkpoint(config, workdir: str, output: str, *, use_ema: bool = True
   if not output.endswith(".safetensors"):
     raise ConversionError(f"--output={output} must end in .safetensors.")
   task, state, _, _, _, _ = restore_for_inference(config, workdir)
-  params = jax.device_get(state.ema_params if use_ema else state.params)
-  params = jax.tree.map(np.asarray, params)
+  # Collective: in a multi-process run every process gathers; process 0 writes below.
+  params = distributed.host_arrays(state.ema_params if use_ema else state.params)
   codec = task.codec
   arch = pub.Architecture(
       num_layers=int(config.model.num_layers), d_model=int(config.model.d_model),
@@ -339,18 +339,21 @@ def export_checkpoint(config, workdir: str, output: str, *, use_ema: bool = True
       mlp_ratio=int(config.model.mlp_ratio), ell=int(codec.ell), vocab_size=int(codec.vocab_size),
       embed_rows=int(codec.base) + 1)
   tensors = pub.to_torch_state(params, arch)
-  out_dir = os.path.dirname(os.path.abspath(output))
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
-  torch_files.write_safetensors(tmp, tensors, metadata={"format": "pt"})
-  os.replace(tmp, output)
+  writer = jax.process_index() == 0
+  if writer:
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
+    torch_files.write_safetensors(tmp, tensors, metadata={"format": "pt"})
+    os.replace(tmp, output)
   hf = {"model_type": "mdlm" if arch.ell == 1 else "mdm_prime", "hidden_dim": arch.d_model,
         "cond_dim": arch.cond_dim, "n_blocks": arch.num_layers, "n_heads": arch.num_heads,
         "vocab_size": arch.vocab_size + (1 if arch.ell == 1 else 0),
         "model_length": int(config.data.seq_len), "time_conditioning": False,
         "target_length": arch.ell, "base": arch.base}
   cfg_path = output[: -len(".safetensors")] + "_config.json"
-  paths.atomic_write(cfg_path, json.dumps(hf, indent=2))
+  if writer:
+    paths.atomic_write(cfg_path, json.dumps(hf, indent=2))
   warnings = pub.export_changes_function(to_dict(config)["model"])
   for w in warnings:
     progress(f"warning: {w}: the authors' network will compute a slightly different function")

@@ -53,8 +53,13 @@ def validate_batch(config, mesh) -> None:
   if int(config.eval.batch_size) % shards:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
                       f"{shards} devices on the data x fsdp axes.")
-  if int(config.training.batch_size) % jax.process_count():
-    raise ConfigError(f"training.batch_size must divide over {jax.process_count()} processes.")
+  try:
+    _, slices = shd.process_batch_slice(mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if int(config.training.batch_size) % slices:
+    raise ConfigError(f"training.batch_size must divide over the {slices} processes that load "
+                      "distinct rows.")
 
 
 def check_same_tokenizer_everywhere(tokenizer) -> None:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mdm_jax.core import distributed
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.errors import ConfigError
 
@@ -82,5 +83,6 @@ def _nonfinite_counts(params, opt_state, ema_params):
 def nonfinite_parts(state: TrainState) -> Dict[str, int]:
   """{"params": n, ...}: how many non-finite numbers each part of the state holds (only
   the parts that hold any).  Checked before every save, so none is ever committed."""
-  counts = jax.device_get(_nonfinite_counts(state.params, state.opt_state, state.ema_params))
+  counts = distributed.host_arrays(
+      _nonfinite_counts(state.params, state.opt_state, state.ema_params))
   return {name: int(n) for name, n in zip(("params", "opt_state", "ema_params"), counts) if n}

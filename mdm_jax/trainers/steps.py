@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdm_jax.core import distributed
 from mdm_jax.core import sharding as shd
 from mdm_jax.trainers.state import TrainState
 
@@ -99,8 +100,9 @@ def make_eval_step(task, config, mesh, rules, param_shardings):
     with nn.logical_axis_rules(rules):
       return task.eval_sums(params, batch, key)   # raw uint32 key data
 
+  # Replicated sums: every process reads the same totals without a gather.
   return jax.jit(fn, in_shardings=(param_shardings, shd.batch_sharding(mesh),
-                                   shd.replicated(mesh)))
+                                   shd.replicated(mesh)), out_shardings=shd.replicated(mesh))
 
 
 def evaluate(eval_step, task, params, batches: List[Dict[str, np.ndarray]], mesh,
@@ -118,6 +120,6 @@ def evaluate(eval_step, task, params, batches: List[Dict[str, np.ndarray]], mesh
       b.setdefault("weights", np.ones(len(b["tokens"]), np.float32))
       gb = {k: shd.global_batch(v, bs) for k, v in b.items()}
       sums = eval_step(params, gb, jax.random.key_data(jax.random.fold_in(base, i)))
-      for k, v in jax.device_get(sums).items():
+      for k, v in distributed.host_arrays(sums).items():
         totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
   return task.eval_summary(totals)
