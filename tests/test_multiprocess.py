@@ -1,16 +1,27 @@
 """Two real JAX processes on localhost (CPU, gloo) against one process with the same devices.
 
-``launch/local_multiprocess.py`` starts 2 processes x 2 simulated CPU devices
-that form one 4-device job; the reference is 1 process x 4 devices with the
-same config and mesh.  With the same global batch (row for row), the per-step
-train losses, the final parameters / EMA and the eval bound must agree to float
-tolerance, only process 0 may write logs and samples, and the 2-process
-checkpoint must be restorable by a 1-process run.  The fast tests check the
-launcher's failure handling and the dry runs of the TPU-pod and SLURM scripts.
+``launch/local_multiprocess.py`` starts 2 processes x 2 simulated CPU devices that form
+one 4-device job; each reference is 1 process x 4 devices with the same config, mesh and
+device order.  Two meshes put the parameters across the processes, as pods run:
+
+* ``fsdp``: mesh (1, 4, 1), parameters and batch rows sharded over both processes;
+* ``fsdp_tensor``: mesh (1, 2, 2) with ``mesh.device_order=(0, 2, 3, 1)``, so that BOTH
+  the fsdp and the tensor axis cross the processes, with a learned schedule
+  (``learned_poly``) whose parameters live in the train state.
+
+Each 2-process job evaluates, samples and checkpoints inside the run, is sent SIGTERM
+on one process mid-run (as a TPU maintenance event or SLURM would), saves the same step
+on every process and exits 75, and is resumed.  Its per-step losses, eval bounds, samples
+and final parameters must equal the uninterrupted 1-process run's; then ``--mode=eval``
+and ``--mode=sample`` as 2 processes must reproduce that run's bound and samples.  Only
+process 0 may write logs and samples, and the 2-process checkpoint must be restorable by
+a 1-process run.  The fast tests check the launcher's failure handling and the dry runs
+of the TPU-pod and SLURM scripts.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,15 +32,21 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.py")
-STEPS = 4
+STEPS = 6
+EVERY = 2      # eval, checkpoint and samples every 2 steps
 ARGS = ["--config=configs/shakespeare_prime.py:tiny",
         "--config.data.tokenizer=char",          # no BPE training: seconds matter here
         f"--config.training.num_steps={STEPS}", "--config.training.log_every=1",
-        "--config.eval.every_steps=0", "--config.eval.num_batches=1",
-        "--config.checkpoint.every_steps=0", "--config.sampling.num_steps=2"]
-# data x fsdp over the 4 devices: batch rows AND parameters cross processes.  (Kept
-# apart from ARGS: a second --config.mesh.shape would be appended, not replace it.)
-MESH = "--config.mesh.shape=(2,2,1)"
+        f"--config.eval.every_steps={EVERY}", "--config.eval.num_batches=1",
+        f"--config.checkpoint.every_steps={EVERY}", f"--config.sampling.every_steps={EVERY}",
+        "--config.sampling.num_steps=2"]
+# (Kept apart from ARGS: a second --config.mesh.shape would be appended, not replace it.)
+MESHES = {
+    "fsdp": ["--config.mesh.shape=(1,4,1)"],
+    "fsdp_tensor": ["--config.mesh.shape=(1,2,2)", "--config.mesh.device_order=(0,2,3,1)",
+                    "--config.schedule.name=learned_poly"],
+}
+SIGNALLED = {"fsdp": 1, "fsdp_tensor": 0}     # the process that gets SIGTERM
 
 
 # LLVM -O0 halves the CPU time of the many small compiles here (train, eval and
@@ -70,60 +87,143 @@ def _restore_numpy(workdir, step):
   return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
+def _launch(args, workdir, log):
+  return subprocess.Popen([sys.executable, LAUNCHER, "--num_processes=2",
+                           "--devices_per_process=2", "--timeout=540", "--quiet", "--",
+                           *args, f"--workdir={workdir}"],
+                          cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _one_process(args, workdir, log):
+  return subprocess.Popen([sys.executable, "-m", "mdm_jax.main", *args, f"--workdir={workdir}"],
+                          cwd=ROOT, env=_env(devices=4), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _process_logs(workdir):
+  out = []
+  for i in range(2):
+    path = os.path.join(workdir, "logs", f"process_{i}.log")
+    if os.path.isfile(path):
+      out.append(f"--- process {i} ---\n" + open(path).read()[-6000:])
+  return "\n".join(out)
+
+
+def _wait(proc, what, log_path, workdir=None, expect=0):
+  proc.wait(timeout=600)
+  if proc.returncode != expect:
+    pytest.fail(f"{what}: status {proc.returncode}, expected {expect}:\n"
+                + open(log_path).read()[-3000:] + (_process_logs(workdir) if workdir else ""))
+
+
+def _sigterm_after_first_step(workdir, process, launcher, timeout=400):
+  """Sends SIGTERM to one process of the job once step 1 is logged (training under way)."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  pid_file = os.path.join(workdir, "logs", f"process_{process}.pid")
+  deadline = time.time() + timeout
+  while time.time() < deadline and launcher.poll() is None:
+    if os.path.isfile(pid_file) and os.path.isfile(metrics) and \
+        '"train/loss"' in open(metrics).read():
+      os.kill(int(open(pid_file).read()), signal.SIGTERM)
+      return
+    time.sleep(0.05)
+  pytest.fail(f"{workdir}: training never started (or ended before the signal).")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+  """{mesh: (one-process workdir, two-process workdir, {"eval": ..., "sample": ...})}."""
   base = tmp_path_factory.mktemp("mp")
-  ref_dir, mp_dir = str(base / "one_process"), str(base / "two_processes")
   t0 = time.time()
-  # Both jobs at once: XLA compiles mostly on one core, so this saves wall time.  Three
-  # processes share the cores with the other test worker: healthy runs take 40-80 s on 2
-  # cores, but a slow or contended CI machine once took over 240 s, so the limit is generous
-  # (on a hang the launcher dumps every process's stacks before it stops them).
-  with open(base / "one_process.log", "w") as ref_log, \
-       open(base / "launcher.log", "w") as mp_log:
-    ref = subprocess.Popen([sys.executable, "-m", "mdm_jax.main", *ARGS, MESH,
-                            f"--workdir={ref_dir}"], cwd=ROOT, env=_env(devices=4),
-                           stdout=ref_log, stderr=subprocess.STDOUT)
-    mp = subprocess.Popen([sys.executable, LAUNCHER, "--num_processes=2",
-                           "--devices_per_process=2", "--timeout=540", "--quiet", "--",
-                           *ARGS, MESH, f"--workdir={mp_dir}"],
-                          cwd=ROOT, env=_env(), stdout=mp_log, stderr=subprocess.STDOUT)
-    ref.wait(timeout=600)
-    mp.wait(timeout=600)
-  assert ref.returncode == 0, \
-      "1-process run failed:\n" + (base / "one_process.log").read_text()[-4000:]
-  if mp.returncode != 0:
-    logs = [(base / "launcher.log").read_text()[-3000:]]
-    for i in range(2):
-      path = os.path.join(mp_dir, "logs", f"process_{i}.log")
-      if os.path.isfile(path):
-        logs.append(f"--- process {i} ---\n" + open(path).read()[-6000:])
-    pytest.fail(f"2-process run failed (status {mp.returncode}):\n" + "\n".join(logs))
-  print(f"1-process and 2-process runs: {time.time() - t0:.1f} s")
-  return ref_dir, mp_dir
+  dirs = {m: (str(base / f"{m}_one_process"), str(base / f"{m}_two_processes")) for m in MESHES}
+  logs = {}
+
+  def log(name):
+    logs[name] = str(base / f"{name}.log")
+    return open(logs[name], "w")
+
+  # 1. All four jobs at once (XLA compiles mostly on one core, so this saves wall time); the
+  #    2-process ones are sent SIGTERM on one process once training runs.
+  procs = {}
+  for m, extra in MESHES.items():
+    ref_dir, mp_dir = dirs[m]
+    procs[f"{m}_ref"] = _one_process([*ARGS, *extra], ref_dir, log(f"{m}_ref"))
+    procs[f"{m}_mp"] = _launch([*ARGS, *extra], mp_dir, log(f"{m}_mp"))
+  for m in MESHES:
+    _sigterm_after_first_step(dirs[m][1], SIGNALLED[m], procs[f"{m}_mp"])
+  for m in MESHES:
+    _wait(procs[f"{m}_ref"], f"{m}: 1-process run", logs[f"{m}_ref"])
+    _wait(procs[f"{m}_mp"], f"{m}: preempted 2-process run", logs[f"{m}_mp"], dirs[m][1],
+          expect=75)
+  preempted = {}
+  for m in MESHES:
+    preempted[m] = [open(os.path.join(dirs[m][1], "logs", f"process_{i}.log")).read()
+                    for i in range(2)]
+  # 2. Re-running the same command resumes.
+  procs = {m: _launch([*ARGS, *MESHES[m]], dirs[m][1], log(f"{m}_resume")) for m in MESHES}
+  for m, p in procs.items():
+    _wait(p, f"{m}: resumed 2-process run", logs[f"{m}_resume"], dirs[m][1])
+  # 3. --mode=eval and --mode=sample as 2 processes (logs elsewhere: the run's stay).
+  procs = {}
+  for m in MESHES:
+    for mode in ("eval", "sample"):
+      log_dir = str(base / f"{m}_{mode}_logs")
+      procs[(m, mode)] = subprocess.Popen(
+          [sys.executable, LAUNCHER, "--num_processes=2", "--devices_per_process=2",
+           "--timeout=400", f"--log_dir={log_dir}", "--", *ARGS, *MESHES[m],
+           f"--workdir={dirs[m][1]}", f"--mode={mode}"],
+          cwd=ROOT, env=_env(), stdout=log(f"{m}_{mode}"), stderr=subprocess.STDOUT)
+  modes = {m: {} for m in MESHES}
+  for (m, mode), p in procs.items():
+    _wait(p, f"{m}: 2-process --mode={mode}", logs[f"{m}_{mode}"])
+    out = open(logs[f"{m}_{mode}"]).read()
+    modes[m][mode] = json.loads(out[out.rindex("\n{") + 1:out.rindex("}") + 1])
+  print(f"1-process and 2-process runs, resumes, eval and sample: {time.time() - t0:.1f} s")
+  return {m: (*dirs[m], modes[m], preempted[m]) for m in MESHES}
 
 
-def test_two_processes_form_one_job(runs):
-  _, mp_dir = runs
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_two_processes_form_one_job(runs, mesh):
+  _, mp_dir, _, _ = runs[mesh]
   log0 = open(os.path.join(mp_dir, "logs", "process_0.log")).read()
   log1 = open(os.path.join(mp_dir, "logs", "process_1.log")).read()
   assert "process 0 of 2" in log0 and "process 1 of 2" in log1
-  assert "'data': 2, 'fsdp': 2" in log0          # one 4-device mesh over both processes
+  shape = {"fsdp": "'data': 1, 'fsdp': 4, 'tensor': 1",
+           "fsdp_tensor": "'data': 1, 'fsdp': 2, 'tensor': 2"}[mesh]
+  assert shape in log0                            # one 4-device mesh over both processes
   # Only process 0 logs metrics, prints progress and writes samples.
-  assert "4/4" in log0 and "4/4" not in log1
+  assert f"{STEPS}/{STEPS}" in log0 and f"{STEPS}/{STEPS}" not in log1
   assert "sample 0 at step" in log0 and "sample 0 at step" not in log1
   steps = [r["step"] for r in _records(mp_dir) if "train/loss" in r]
-  assert steps == list(range(1, STEPS + 1))      # one writer: no duplicated records
-  assert os.path.isfile(os.path.join(mp_dir, "samples", f"step_{STEPS}.txt"))
+  assert steps == list(range(1, STEPS + 1))      # one writer, resumed: no duplicated records
+  for step in range(EVERY, STEPS + 1, EVERY):
+    assert os.path.isfile(os.path.join(mp_dir, "samples", f"step_{step}.txt"))
   # Every process took part in the checkpoint (one iterator state per process).
   data = os.listdir(os.path.join(mp_dir, "checkpoints", str(STEPS), "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
+  if mesh == "fsdp_tensor":      # the learned order's picture after every eval, from process 0
+    for step in range(EVERY, STEPS + 1, EVERY):
+      assert os.path.isfile(os.path.join(mp_dir, "order", f"step_{step}.png")), step
 
 
-def test_losses_and_parameters_match_one_process(runs):
-  ref_dir, mp_dir = runs
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_sigterm_to_one_process_saves_the_same_step_everywhere(runs, mesh):
+  _, mp_dir, _, preempted = runs[mesh]
+  stopped = []
+  for i, log in enumerate(preempted):
+    marker = "preempted (SIGTERM): stopped after step "
+    assert marker in log, f"process {i} did not stop through the preemption path:\n{log[-3000:]}"
+    stopped.append(int(log[log.index(marker) + len(marker):].split()[0]))
+  assert stopped[0] == stopped[1] < STEPS, stopped   # one agreed step, before the end
+  data = os.listdir(os.path.join(mp_dir, "checkpoints", str(stopped[0]), "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_losses_bounds_samples_and_parameters_match_one_process(runs, mesh):
+  """The preempted and resumed 2-process run equals the uninterrupted 1-process run."""
+  ref_dir, mp_dir, _, _ = runs[mesh]
   ref, got = _train_metric(ref_dir), _train_metric(mp_dir)
-  print("step  1 process x 4 devices   2 processes x 2 devices")
+  print("step  1 process x 4 devices   2 processes x 2 devices (preempted, resumed)")
   for s in sorted(ref):
     print(f"{s:4d}  {ref[s]:.7f}             {got.get(s, float('nan')):.7f}")
   assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
@@ -133,10 +233,20 @@ def test_losses_and_parameters_match_one_process(runs):
   gn_got = _train_metric(mp_dir, "train/grad_norm")
   for s in gn_ref:
     np.testing.assert_allclose(gn_got[s], gn_ref[s], rtol=1e-5, err_msg=f"grad norm, step {s}")
+  ev_ref, ev_got = _train_metric(ref_dir, "eval/nll"), _train_metric(mp_dir, "eval/nll")
+  assert sorted(ev_got) == sorted(ev_ref) == list(range(EVERY, STEPS + 1, EVERY))
+  for s in ev_ref:
+    np.testing.assert_allclose(ev_got[s], ev_ref[s], rtol=1e-5, err_msg=f"eval bound, step {s}")
+  for step in range(EVERY, STEPS + 1, EVERY):
+    texts = [json.load(open(os.path.join(d, "samples", f"step_{step}.json")))["texts"]
+             for d in (ref_dir, mp_dir)]
+    assert texts[0] == texts[1], f"samples at step {step}"
 
   a, b = _restore_numpy(ref_dir, STEPS), _restore_numpy(mp_dir, STEPS)
   import jax  # pylint: disable=import-outside-toplevel
   assert int(a["step"]) == int(b["step"]) == STEPS
+  if mesh == "fsdp_tensor":
+    assert "schedule" in a["params"]             # the learned schedule is in the state
   for name in ("params", "ema_params"):
     la, lb = jax.tree_util.tree_leaves_with_path(a[name]), jax.tree.leaves(b[name])
     assert len(la) == len(lb)
@@ -148,8 +258,24 @@ def test_losses_and_parameters_match_one_process(runs):
   np.testing.assert_allclose(fb["eval_nll"], fa["eval_nll"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_eval_and_sample_modes_as_two_processes_match_one_process(runs, mesh):
+  ref_dir, mp_dir, modes, _ = runs[mesh]
+  final = json.load(open(os.path.join(ref_dir, "final_metrics.json")))
+  assert modes["eval"]["step"] == STEPS
+  np.testing.assert_allclose(modes["eval"]["nll"], final["eval_nll"], rtol=1e-5)
+  assert os.path.isfile(os.path.join(mp_dir, f"eval_step_{STEPS}.json"))
+  # --mode=sample: same checkpoint, sampler and seed as the run's last samples.
+  name = [f for f in os.listdir(os.path.join(mp_dir, "samples"))
+          if f.startswith(f"step_{STEPS}-") and f.endswith(".json")]
+  assert len(name) == 1, name
+  got = json.load(open(os.path.join(mp_dir, "samples", name[0])))["texts"]
+  ref = json.load(open(os.path.join(ref_dir, "samples", f"step_{STEPS}.json")))["texts"]
+  assert got == ref
+
+
 def test_two_process_checkpoint_restores_in_one_process(runs):
-  _, mp_dir = runs
+  _, mp_dir, _, _ = runs["fsdp"]
   proc = subprocess.run([sys.executable, "-m", "mdm_jax.main", *ARGS, f"--workdir={mp_dir}",
                          "--mode=eval", "--config.mesh.shape=(-1,1,1)"],
                         cwd=ROOT, env=_env(devices=1), capture_output=True, text=True,
@@ -164,11 +290,11 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
 def test_two_process_checkpoint_resumes_training_in_one_process(runs, tmp_path):
   """Resuming with another process count continues the same data stream and losses."""
   import shutil  # pylint: disable=import-outside-toplevel
-  ref_dir, mp_dir = runs
+  ref_dir, mp_dir, _, _ = runs["fsdp"]
   a, b = str(tmp_path / "ref"), str(tmp_path / "mp")
   shutil.copytree(ref_dir, a)
   shutil.copytree(mp_dir, b)
-  more = [*ARGS, MESH, f"--config.training.num_steps={STEPS + 2}"]
+  more = [*ARGS, *MESHES["fsdp"], f"--config.training.num_steps={STEPS + 2}"]
   procs = [subprocess.Popen([sys.executable, "-m", "mdm_jax.main", *more, f"--workdir={d}"],
                             cwd=ROOT, env=_env(devices=4), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for d in (a, b)]
