@@ -79,3 +79,43 @@ def test_bad_mesh_errors():
   c = _config((2, 2, 1))
   with pytest.raises(ValueError, match="needs 4 devices"):
     shd.make_mesh(c.mesh)
+
+
+def _fake_mesh(shape, order, devices_per_process=2):
+  """A stand-in with what process_batch_slice reads: the axis sizes and devices in order."""
+  import types  # pylint: disable=import-outside-toplevel
+  devs = [types.SimpleNamespace(id=i, process_index=i // devices_per_process)
+          for i in range(len(order))]
+  grid = np.empty(len(order), dtype=object)
+  grid[:] = [devs[i] for i in order]
+  return types.SimpleNamespace(shape=dict(zip(("data", "fsdp", "tensor"), shape)),
+                               devices=grid.reshape(shape))
+
+
+@pytest.mark.parametrize("shape,order,expected", [
+    ((2, 2, 1), (0, 1, 2, 3), [(0, 2), (1, 2)]),     # data across hosts
+    ((1, 4, 1), (0, 1, 2, 3), [(0, 2), (1, 2)]),     # FSDP across hosts
+    ((1, 2, 2), (0, 1, 2, 3), [(0, 2), (1, 2)]),     # fsdp across, tensor within
+    ((1, 2, 2), (0, 2, 3, 1), [(0, 1), (0, 1)]),     # both across: every host holds all rows
+    ((1, 1, 4), (0, 1, 2, 3), [(0, 1), (0, 1)]),     # tensor across: the whole batch each
+])
+def test_process_batch_slice(shape, order, expected):
+  mesh = _fake_mesh(shape, order)
+  assert [shd.process_batch_slice(mesh, p) for p in (0, 1)] == expected
+
+
+def test_process_batch_slice_refuses_scattered_rows():
+  with pytest.raises(ValueError, match="contiguous block"):
+    shd.process_batch_slice(_fake_mesh((1, 4, 1), (0, 2, 1, 3)), 0)
+
+
+def test_device_order_builds_the_mesh_in_that_order():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  c = ml_collections.ConfigDict({"shape": (1, 2, 2), "axes": ("data", "fsdp", "tensor"),
+                                 "device_order": (0, 2, 3, 1)})
+  devs = jax.devices()[:4]
+  mesh = shd.make_mesh(c, devices=devs)
+  assert [d.id for d in mesh.devices.flat] == [devs[i].id for i in (0, 2, 3, 1)]
+  c.device_order = (0, 1, 1, 2)
+  with pytest.raises(ValueError, match="permutation"):
+    shd.make_mesh(c, devices=devs)

@@ -13,7 +13,7 @@ only the mesh shape changes.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -131,7 +131,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def process_batch_slice(mesh: Mesh) -> Tuple[int, int]:
+def process_batch_slice(mesh: Mesh, process_index: Optional[int] = None) -> Tuple[int, int]:
   """``(index, count)``: this process loads slice ``index`` of ``count`` equal slices of
   each global batch.
 
@@ -147,8 +147,8 @@ def process_batch_slice(mesh: Mesh) -> Tuple[int, int]:
   """
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   grid = np.asarray(mesh.devices).reshape(shards, -1)      # batch shard x tensor
-  mine = sorted({int(i) for i, row in enumerate(grid)
-                 for d in row if d.process_index == jax.process_index()})
+  me = jax.process_index() if process_index is None else int(process_index)
+  mine = sorted({int(i) for i, row in enumerate(grid) for d in row if d.process_index == me})
   blocks = set()
   for p in {d.process_index for d in grid.flat}:
     rows = sorted({int(i) for i, row in enumerate(grid) for d in row if d.process_index == p})
