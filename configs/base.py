@@ -137,6 +137,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.training.b2 = 0.99
   c.training.grad_clip = 1.0
   c.training.ema_decay = 0.999        # 0 disables the EMA
+  c.training.ema_warmup = True        # decay min(ema_decay, (1+n)/(10+n)) at step n, so the EMA
+                                      # (and checkpoints_best, chosen by its bound) leaves the
+                                      # initial parameters within the first steps
   c.training.t_min = 1e-3             # t ~ U[t_min, 1], stratified over the global batch
   c.training.antithetic = True
   c.training.loss_weighting = "elbo"  # elbo | flat (mean CE over masked tokens; eval is always elbo)

@@ -132,3 +132,49 @@ def test_bf16_model_bound_matches_float32_twin():
   err = np.abs(b16 - b32).max()
   assert err < 5e-3, (err, b32)
   assert l16.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------ 6. EMA warm-up
+def _tiny_train(ema_decay=0.9999, steps=3):
+  from mdm_jax.core import sharding as shd          # pylint: disable=import-outside-toplevel
+  from mdm_jax.tasks import build_task                # pylint: disable=import-outside-toplevel
+  from mdm_jax.trainers.state import init_state      # pylint: disable=import-outside-toplevel
+  from mdm_jax.trainers.steps import make_train_step  # pylint: disable=import-outside-toplevel
+  c = get_base_config()
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.cond_dim = 1, 32, 2, 16
+  c.model.mlp_ratio, c.model.gate_init = 2, 1.0
+  c.data.seq_len, c.training.batch_size, c.prime.ell = 8, 4, 1
+  c.training.warmup_steps, c.training.lr_schedule, c.training.learning_rate = 1, "constant", 1e-2
+  c.training.ema_decay = ema_decay
+  c.mesh.shape = (1, 1, 1)
+  mesh = shd.make_mesh(c.mesh, devices=jax.devices()[:1])
+  rules = shd.logical_rules(c.mesh)
+  task = build_task(c, vocab_size=12)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, seed=0)
+  step = make_train_step(task, tx, c, mesh, rules, shardings)
+  params = [jax.device_get(state.params)]
+  rng = np.random.default_rng(0)
+  with jax.set_mesh(mesh):
+    for _ in range(steps):
+      tokens = rng.integers(0, 12, (4, 8)).astype(np.int32)
+      state, _ = step(state, {"tokens": shd.global_batch(tokens, shd.batch_sharding(mesh))})
+      params.append(jax.device_get(state.params))
+  return params, jax.device_get(state.ema_params)
+
+
+def test_ema_warmup_follows_the_parameters():
+  decay = 0.9999
+  params, ema = _tiny_train(decay, steps=3)
+  want = params[0]
+  for n in range(3):      # the closed form: e_{n+1} = d_n e_n + (1 - d_n) p_{n+1}
+    d = min(decay, (1.0 + n) / (10.0 + n))
+    want = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, want, params[n + 1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ema, want)
+
+  def dist(a, b):
+    return float(np.sqrt(sum(np.sum((np.asarray(x) - np.asarray(y)) ** 2)
+                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
+  # After three steps the EMA sits by the current parameters, not by the initial ones.
+  assert dist(ema, params[-1]) < 0.5 * dist(ema, params[0])
+
