@@ -178,3 +178,28 @@ def test_ema_warmup_follows_the_parameters():
   # After three steps the EMA sits by the current parameters, not by the initial ones.
   assert dist(ema, params[-1]) < 0.5 * dist(ema, params[0])
 
+
+# ------------------------------------------------------------------ 2. scan_layers on resume
+def test_resume_with_scan_layers_flipped_names_the_key(tmp_path):
+  import os                                          # pylint: disable=import-outside-toplevel
+  import subprocess                                  # pylint: disable=import-outside-toplevel
+  import sys                                         # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  wd = str(tmp_path / "run")
+  args = [sys.executable, "-m", "mdm_jax.main", "--config=configs/shakespeare_prime.py:tiny",
+          "--config.data.tokenizer=char", "--config.model.num_layers=2",
+          "--config.model.d_model=32", "--config.data.seq_len=16",
+          "--config.training.num_steps=2", "--config.eval.every_steps=0",
+          "--config.eval.num_batches=1", "--config.sampling.num_steps=2",
+          "--config.sampling.num_samples=1", "--config.checkpoint.every_steps=2",
+          f"--workdir={wd}"]
+  first = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  proc = subprocess.run(args[:-1] + ["--config.training.num_steps=4",
+                                     "--config.model.scan_layers=false", f"--workdir={wd}"],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "model.scan_layers: checkpoint=True  current=False" in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "orbax" not in proc.stderr.lower()

@@ -21,10 +21,11 @@ from mdm_jax.core.registry import Registry
 MODELS: Registry[Callable] = Registry("model", "model.name")
 
 # config.model keys that may change when a run resumes: they change how the network is
-# computed (dropout, rematerialisation, layer scan, attention kernel, compute dtype), not
-# its parameters or what they mean.
-RUNTIME_KEYS = ("model.dropout", "model.remat", "model.scan_layers", "model.attention_impl",
-                "model.dtype")
+# computed (dropout, rematerialisation, attention kernel, compute dtype), not its
+# parameters or what they mean.  model.scan_layers is not one of them: it changes the
+# parameter tree (one stacked ``blocks`` against ``block_0`` ... ``block_{n-1}``), so a
+# checkpoint restores only with the value it was trained with.
+RUNTIME_KEYS = ("model.dropout", "model.remat", "model.attention_impl", "model.dtype")
 
 # Leaf names that are never weight-decayed: norm scales and biases (``*_bias`` too).
 NO_DECAY_NAMES = ("scale", "bias")
