@@ -60,7 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "linear"          # linear | cosine | polynomial | loglinear | geometric (+ below)
   c.schedule.power = 1.0              # polynomial: alpha = 1 - t**power
-  c.schedule.eps = 1e-3               # loglinear: alpha = 1 - (1 - eps) t
+  c.schedule.eps = 1e-3               # loglinear: alpha = (1 - t)(1 + eps t): MDLM's 1 - (1-eps) t
+                                      # near t = 0, and fully masked (alpha = 0) at t = 1
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
   # Multivariate (per-position) schedules, mdm_jax/diffusion/schedules/:

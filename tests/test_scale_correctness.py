@@ -203,3 +203,31 @@ def test_resume_with_scan_layers_flipped_names_the_key(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "model.scan_layers: checkpoint=True  current=False" in proc.stderr, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr and "orbax" not in proc.stderr.lower()
+
+
+# ------------------------------------------------------------------ 4. loglinear ends masked
+def test_loglinear_is_fully_masked_at_one_and_its_bound_is_valid():
+  """The samplers start from all-masked, so alpha(1) must be 0; with eps = 0.5 (exaggerated,
+  so that a missing [alpha(1) > 0] part of the bound shows) the bound of the Bayes-optimal
+  decoder on a 3-token Markov chain equals the entropy found by enumeration."""
+  from tests.test_losses import _markov_source, _oracle_apply  # pylint: disable=import-outside-toplevel
+  for eps in (1e-3, 0.5):
+    s = get_schedule(ml_collections.ConfigDict({"name": "loglinear", "eps": eps}))
+    assert float(s.alpha(jnp.float32(1.0))) == 0.0
+    assert float(s.alpha(jnp.float32(0.0))) == 1.0
+    t = jnp.linspace(1e-3, 1.0, 50)
+    assert np.all(np.isfinite(np.asarray(s.weight(t)))) and np.all(np.asarray(s.weight(t)) > 0)
+  seqs, probs, h = _markov_source()
+  codec = prime.PrimeCodec.create(4, 1)
+  apply_fn = _oracle_apply(codec, seqs, probs)
+  rng = np.random.default_rng(1)
+  n = 40000
+  tokens = jnp.asarray(seqs[rng.choice(len(probs), size=n, p=probs / probs.sum())])
+  cfg = elbo.DiffusionLossConfig(form="marginal", t_min=1e-3)
+  loss, _ = jax.jit(lambda k: elbo.diffusion_loss(apply_fn, None, tokens, k, codec=codec,
+                                                  schedule=s, cfg=cfg, train=False))(
+                                                      jax.random.key(1))
+  loss = np.asarray(loss, np.float64)
+  m, se = loss.mean(), loss.std() / np.sqrt(n)
+  assert m >= h - 4 * se, (m, h, se)
+  assert abs(m - h) < 4 * se + 0.02, (m, h, se)
