@@ -231,3 +231,34 @@ def test_loglinear_is_fully_masked_at_one_and_its_bound_is_valid():
   m, se = loss.mean(), loss.std() / np.sqrt(n)
   assert m >= h - 4 * se, (m, h, se)
   assert abs(m - h) < 4 * se + 0.02, (m, h, se)
+
+
+# ------------------------------------------------------------------ 5. sampling time grid
+def test_samplers_query_the_network_only_at_trained_times():
+  """Training draws t >= training.t_min; every diffusion sampler the task runs must ask a
+  time-conditioned network only about such times (the last draw happens at t_min)."""
+  from mdm_jax.sampling import generate                # pylint: disable=import-outside-toplevel
+  from mdm_jax.tasks import build_task                # pylint: disable=import-outside-toplevel
+  c = get_base_config()
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.cond_dim = 1, 16, 2, 8
+  c.model.time_conditioning = True
+  c.data.seq_len, c.prime.ell = 6, 2
+  c.training.t_min = 0.05          # large, so a grid ending at 1e-5 would be caught
+  task = build_task(c, vocab_size=9)
+  vocab = task.codec.vocab_size
+  for name in ("ancestral", "confidence", "first_hitting", "maskgit", "remdm", "self_correct",
+               "punt", "eb", "fast_dllm"):
+    seen = []
+
+    def apply_fn(params, digits, t, *, train=False, rng=None):
+      del params, train, rng
+      jax.debug.callback(lambda x: seen.append(np.asarray(x).copy()), t)
+      return jnp.zeros(digits.shape[:2] + (vocab,), jnp.float32)
+
+    kw = task.sampler_kwargs(name, c, 2, 6, 8)
+    kw.update(generate.sampler_options(generate.get_sampler(name), c.sampling))
+    res = generate.get_sampler(name)(apply_fn, None, jax.random.key(0), **kw)
+    jax.block_until_ready(res.tokens)
+    times = np.concatenate([np.ravel(s) for s in seen])
+    assert times.size and times.min() >= 0.05 * (1 - 1e-6), (name, times.min())
+    assert np.all(np.asarray(res.digits) != task.codec.mask_id), name
