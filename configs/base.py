@@ -60,7 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "linear"          # linear | cosine | polynomial | loglinear | geometric (+ below)
   c.schedule.power = 1.0              # polynomial: alpha = 1 - t**power
-  c.schedule.eps = 1e-3               # loglinear: alpha = 1 - (1 - eps) t
+  c.schedule.eps = 1e-3               # loglinear: alpha = (1 - t)(1 + eps t): MDLM's 1 - (1-eps) t
+                                      # near t = 0, and fully masked (alpha = 0) at t = 1
   c.schedule.sigma_min = 1e-4         # geometric
   c.schedule.sigma_max = 20.0         # geometric
   # Multivariate (per-position) schedules, mdm_jax/diffusion/schedules/:
@@ -137,6 +138,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.training.b2 = 0.99
   c.training.grad_clip = 1.0
   c.training.ema_decay = 0.999        # 0 disables the EMA
+  c.training.ema_warmup = True        # decay min(ema_decay, (1+n)/(10+n)) at step n, so the EMA
+                                      # (and checkpoints_best, chosen by its bound) leaves the
+                                      # initial parameters within the first steps
   c.training.t_min = 1e-3             # t ~ U[t_min, 1], stratified over the global batch
   c.training.antithetic = True
   c.training.loss_weighting = "elbo"  # elbo | flat (mean CE over masked tokens; eval is always elbo)

@@ -85,7 +85,7 @@ def set_large_training(c, *, num_steps: int):
   # FSDP over all devices (parameters, optimizer state and the batch are sharded);
   # e.g. (2, -1, 1) for 2-way data parallelism across slices.
   c.mesh.shape = (1, -1, 1)
-  c.schedule.name = "loglinear"       # MDLM: alpha(t) = 1 - (1 - eps) t
+  c.schedule.name = "loglinear"       # MDLM's: alpha(t) = (1 - t)(1 + eps t) ~ 1 - (1 - eps) t
   c.schedule.eps = 1e-3
   return c
 

@@ -12,7 +12,8 @@ A new backbone is one file with a factory registered by ``@MODELS.register(name)
 
 from __future__ import annotations
 
-from mdm_jax.networks.base import MODELS, RUNTIME_KEYS, dtype_from_name, model_block
+from mdm_jax.networks.base import (MODELS, RUNTIME_KEYS, dtype_from_name, model_block,
+                                   weight_decay_mask)
 # The built-in backbones register themselves on import.
 from mdm_jax.networks.dit import DiT, DiTConfig
 from mdm_jax.networks.image_dit import ImageDiT, ImageDiTConfig
@@ -29,4 +30,4 @@ def build_model(model_config, *, vocab_size: int, ell: int, base: int, causal: b
 
 __all__ = ["MODELS", "RUNTIME_KEYS", "build_model", "dtype_from_name", "DiT", "DiTConfig",
            "ImageDiT", "ImageDiTConfig", "MCDiT", "MCDiTConfig", "ScheduledModel",
-           "attach_schedule"]
+           "attach_schedule", "weight_decay_mask"]

@@ -14,7 +14,9 @@
 * Output: a V-way head (untied, or tied to the embedding when ell = 1).
 
 Parameters are float32 (``param_dtype``), the matmuls run in ``dtype``
-(bfloat16 is safe), LayerNorm statistics and the logits' log-softmax are f32.
+(bfloat16 is safe), LayerNorm statistics, the output head (float32 accumulation and
+float32 logits, so no loss or sampler sees logits rounded to bfloat16's 8 bits) and the
+logits' log-softmax are f32.
 Every parameter carries logical axis names (embed, mlp, heads, kv, vocab,
 cond, layers) and the main activations are constrained to (batch, length,
 embed); ``mdm_jax.core.sharding`` maps those names to mesh axes.
@@ -127,8 +129,11 @@ def _kernel(module: nn.Module, name: str, shape, names, in_axis=0, out_axis=-1, 
   return module.param(name, nn.with_logical_partitioning(init, names), shape, param_dtype)
 
 
-def project(x, w, n_in: int = 1):
+def project(x, w, n_in: int = 1, out_dtype=None):
   """``x [..., *in] . w [*in, *out] -> [..., *out]``, contracting the ``n_in`` trailing dims of x.
+
+  ``out_dtype`` (e.g. float32 for an output head under bfloat16 compute): the dot
+  accumulates in and returns that dtype instead of the inputs' dtype.
 
   The leading (batch, length) dims are flattened into one before the dot.  That is the
   same matmul, but its weight gradient then contracts over a single dimension: XLA's
@@ -139,7 +144,7 @@ def project(x, w, n_in: int = 1):
   lead = x.shape[:x.ndim - n_in]
   x2 = x.reshape((-1,) + x.shape[x.ndim - n_in:])
   dims = (tuple(range(1, 1 + n_in)), tuple(range(n_in)))
-  y = jax.lax.dot_general(x2, w, (dims, ((), ())))
+  y = jax.lax.dot_general(x2, w, (dims, ((), ())), preferred_element_type=out_dtype)
   return y.reshape(lead + w.shape[n_in:])
 
 
@@ -322,8 +327,8 @@ class SubTokenEmbed(nn.Module):
     return e.astype(cfg.dtype)
 
   def attend(self, x):
-    """Tied head (ell == 1 only): logits against the first V rows."""
-    return project(x, self.table[: self.cfg.vocab_size].astype(x.dtype).T)
+    """Tied head (ell == 1 only): float32 logits against the first V rows."""
+    return project(x, self.table[: self.cfg.vocab_size].astype(x.dtype).T, out_dtype=jnp.float32)
 
 
 def cond_mlp(cfg: DiTConfig, t_in):
@@ -400,7 +405,7 @@ class DiT(nn.Module):
 
   @nn.compact
   def __call__(self, digits, t, train: bool = False, embed_noise=None):
-    """digits [B, L, ell] -> logits [B, L, V].
+    """digits [B, L, ell] -> float32 logits [B, L, V] (whatever the compute dtype).
 
     ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, d_model]: the token
     embeddings are perturbed by ``perturb_embeddings`` (Di[M]O, ``mdm_jax/distill.py``).
@@ -420,10 +425,10 @@ class DiT(nn.Module):
     else:
       w = _kernel(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), zero=True,
                   param_dtype=cfg.param_dtype)
-      logits = project(x, w.astype(cfg.dtype))
+      logits = project(x, w.astype(cfg.dtype), out_dtype=jnp.float32)
     if cfg.head_bias:
       logits = logits + self.param("head_bias", _zeros(("vocab",)), (cfg.vocab_size,),
-                                   cfg.param_dtype).astype(logits.dtype)
+                                   cfg.param_dtype).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

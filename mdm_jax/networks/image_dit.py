@@ -88,7 +88,7 @@ class ImageDiT(nn.Module):
 
   @nn.compact
   def __call__(self, digits, t, train: bool = False, embed_noise=None):
-    """digits [B, L, ell] -> logits [B, L, V].
+    """digits [B, L, ell] -> float32 logits [B, L, V] (whatever the compute dtype).
 
     ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, pixel_dim]: every
     pixel-channel embedding e becomes sigma * eps + sqrt(1 - sigma^2) * e before
@@ -130,7 +130,7 @@ class ImageDiT(nn.Module):
     bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                 (None, "vocab")),
                       (ppc, cfg.vocab_size), cfg.param_dtype)
-    logits = project(x, w.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+    logits = project(x, w.astype(cfg.dtype), out_dtype=jnp.float32) + bias.astype(jnp.float32)
     logits = unpatchify(logits, icfg.image_shape, p)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 

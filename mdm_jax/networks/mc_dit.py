@@ -182,8 +182,8 @@ class _Decoder(nn.Module):
     b = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              (None,)),
                    (mc.patch_dim,), cfg.param_dtype)
-    out = project(x, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
-    return out.astype(jnp.float32)
+    # float32 accumulation and output, as the token models' heads.
+    return project(x, w.astype(cfg.dtype), out_dtype=jnp.float32) + b.astype(jnp.float32)
 
 
 class MCDiT(nn.Module):

@@ -82,8 +82,14 @@ class MaskedDiffusionTask(TokenTask):
     kw = dict(codec=self.codec, schedule=self.schedule, batch_size=num_samples,
               seq_len=seq_len, num_steps=num_steps, carry_over=bool(config.prime.carry_over),
               time_conditioning=self.time_conditioning)
-    if "chunk_point" in inspect.signature(get_sampler(sampler)).parameters:
+    accepted = inspect.signature(get_sampler(sampler)).parameters
+    if "chunk_point" in accepted:
       kw["chunk_point"] = self.loss_cfg.chunk_point   # grouped reveals mirror training
+    if "eps" in accepted:
+      # The grid ends where training's times start (training.t_min): the network is never
+      # asked about t < t_min, and what is still masked there is filled by the final
+      # denoising draw at t_min.
+      kw["eps"] = float(self.loss_cfg.t_min)
     return kw
 
   def after_eval(self, params, workdir, step, *, write=True):

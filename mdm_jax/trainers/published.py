@@ -175,7 +175,8 @@ def converted_config(base_config, arch: pub.Architecture, hp: Mapping[str, Any])
   c.prime.loss = "marginal"
   c.prime.chunk_point = 1.0
   c.data.token_order = "id"
-  c.schedule.name = "loglinear"      # both papers: alpha(t) = 1 - (1 - eps) t, eps = 1e-3
+  c.schedule.name = "loglinear"      # both papers: alpha(t) = 1 - (1 - eps) t, eps = 1e-3 (here
+                                     # (1 - t)(1 + eps t), which also reaches alpha(1) = 0)
   c.schedule.eps = 1e-3
   return c
 

@@ -14,6 +14,7 @@ import optax
 from mdm_jax.core import distributed
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.errors import ConfigError
+from mdm_jax.networks import weight_decay_mask
 
 
 @flax.struct.dataclass
@@ -27,7 +28,9 @@ class TrainState:
 
 def make_optimizer(tc) -> Tuple[optax.GradientTransformation, Callable]:
   """AdamW with warm-up and a constant or cosine schedule, global-norm clipping, weight
-  decay on matrices only; returns (optimizer, learning-rate schedule)."""
+  decay on the network's weight matrices and tables only (chosen by parameter path,
+  ``networks.weight_decay_mask``: never norm scales, biases or schedule parameters, and
+  the same for scanned and unrolled layers); returns (optimizer, learning-rate schedule)."""
   warm = max(int(tc.warmup_steps), 1)
   lr = float(tc.learning_rate)
   if tc.lr_schedule == "constant":
@@ -38,11 +41,10 @@ def make_optimizer(tc) -> Tuple[optax.GradientTransformation, Callable]:
         0.0, lr, warm, max(int(tc.num_steps), warm + 1), end_value=lr * float(tc.min_lr_ratio))
   else:
     raise ConfigError(f"training.lr_schedule must be constant|cosine, got {tc.lr_schedule!r}.")
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
   tx = optax.chain(
       optax.clip_by_global_norm(float(tc.grad_clip)) if tc.grad_clip > 0 else optax.identity(),
       optax.adamw(sched, b1=float(tc.b1), b2=float(tc.b2), weight_decay=float(tc.weight_decay),
-                  mask=decay_mask))
+                  mask=weight_decay_mask))
   return tx, sched
 
 

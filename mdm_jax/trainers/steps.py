@@ -4,6 +4,9 @@
 cuts the batch into microbatches (gradient accumulation), calls ``task.loss`` on each
 with per-row randomness (so neither microbatching nor sharding changes the draws),
 averages to nats per token, applies the optimizer and the EMA, and donates the state.
+The EMA's decay at step n (0-based) is min(ema_decay, (1 + n) / (10 + n)) with
+``training.ema_warmup`` (the default), so the average forgets the initial parameters
+within the first steps instead of after ~1/(1 - ema_decay) of them.
 ``make_eval_step`` / ``evaluate`` add up ``task.eval_sums`` over fixed eval batches and
 report ``task.eval_summary``.
 """
@@ -33,6 +36,7 @@ def make_train_step(task, tx, config, mesh, rules, shardings):
   tc = config.training
   n_micro = int(tc.num_microbatches)
   ema_decay = float(tc.ema_decay)
+  ema_warmup = bool(tc.get("ema_warmup", True))
   bsz = int(tc.batch_size)
   length = task.seq_len
   micro_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
@@ -74,8 +78,11 @@ def make_train_step(task, tx, config, mesh, rules, shardings):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state.ema_params, params)
+      decay = jnp.float32(ema_decay)
+      if ema_warmup:
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     else:
       ema = params
     out = {"loss": total * norm, "grad_norm": tree_norm(grads)}

@@ -44,14 +44,22 @@ def linear(config=None) -> UnivariateSchedule:
 
 @SCHEDULES.register("loglinear")
 def loglinear(config=None) -> UnivariateSchedule:
-  """MDLM: sigma(t) = -log(1 - (1-eps) t), alpha = 1 - (1-eps) t; weight (1-eps)/((1-eps) t)=1/t."""
+  """MDLM's log-linear schedule, ending fully masked: alpha = (1 - t)(1 + eps t).
+
+  Near t = 0 this is MDLM's alpha = 1 - (1-eps) t (they differ by eps t^2 <= eps), and
+  alpha(1) = 0 exactly, so the all-masked start of the samplers is the t = 1 state and
+  the ELBO needs no prior term.  1 - alpha = t (1 - eps (1 - t)),
+  alpha' = -(1 - eps + 2 eps t), weight (1 - eps + 2 eps t) / (t (1 - eps + eps t)) ~ 1/t.
+  """
   eps = float(getattr(config, "eps", 1e-3)) if config is not None else 1e-3
+  if not 0 <= eps < 1:
+    raise ValueError(f"schedule.eps must be in [0, 1) for the loglinear schedule, got {eps}.")
   c = 1.0 - eps
   return UnivariateSchedule(
       name="loglinear",
-      alpha=lambda t: 1.0 - c * f32(t),
-      dalpha=lambda t: -c * jnp.ones_like(f32(t)),
-      weight=lambda t: 1.0 / f32(t))
+      alpha=lambda t: (1.0 - f32(t)) * (1.0 + eps * f32(t)),
+      dalpha=lambda t: -(c + 2.0 * eps * f32(t)),
+      weight=lambda t: (c + 2.0 * eps * f32(t)) / (f32(t) * (c + eps * f32(t))))
 
 
 @SCHEDULES.register("polynomial")
