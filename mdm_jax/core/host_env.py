@@ -77,3 +77,40 @@ def reexec_with_tuned_malloc(python_args: Sequence[str]) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *python_args], env)
+
+
+def skip_absent_tpu(environ: Optional[Mapping[str, str]] = None) -> bool:
+  """Keeps JAX from starting libtpu's runtime on a host without a TPU chip.
+
+  With ``libtpu`` installed (the test set-up installs it, to compile for TPU without one:
+  ``mdm_jax.benchmarks.tpu_compile``), JAX's automatic platform choice tries the TPU
+  runtime first; on a CPU or GPU host that attempt fails quietly for JAX but libtpu
+  prints warnings about ``TPU_ACCELERATOR_TYPE`` and ``TPU_WORKER_HOSTNAMES`` and an
+  ``E0000`` line.  Where no platform was asked for (``JAX_PLATFORMS`` and
+  ``jax_platforms`` unset, no ``JAX_FORCE_TPU_INIT``), JAX sees no TPU chip and no
+  backend has started yet, the TPU runtime is dropped from the candidates; compile-only
+  TPU devices (``jax.experimental.topologies``) still load libtpu themselves.
+  Returns whether it was dropped.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_PLATFORMS") or environ.get("JAX_FORCE_TPU_INIT") is not None:
+    return False
+  try:
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax._src import hardware_utils, xla_bridge  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  if jax.config.jax_platforms:
+    return False
+  try:
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+      return False
+    if xla_bridge.backends_are_initialized():
+      return False
+    factories = getattr(xla_bridge, "_backend_factories", None)
+    if isinstance(factories, dict) and "tpu" in factories:
+      del factories["tpu"]
+      return True
+  except Exception:  # pylint: disable=broad-except  (a JAX without these internals: no change)
+    pass
+  return False
