@@ -121,15 +121,17 @@ def _define_flags():
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to compile (as for "
                                             "mdm_jax.main).", lock_config=False)
   _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU slice: v4|v5p:AxBxC or "
-                                  "v5e|v6e:AxB.")
+                                  "v5e|v6e:AxB (not used with --run).")
   _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-centre network.")
-  _BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Sequences per chip for every program "
-                                "(0 = training.batch_size / chips).")
+  _BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Sequences per chip (with --run: per "
+                                "attached device) for every program (0 = training.batch_size "
+                                "/ chips).")
   _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "Vocabulary size (no tokenizer is loaded).")
   _FIND = flags.DEFINE_bool("find_max_batch", False, "Also find the largest per-chip batch "
                             "whose train step fits, by bisection over the global batch.")
   _MAX_BATCH = flags.DEFINE_integer("max_per_chip_batch", 4096, "Upper end of that search.")
-  _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile.")
+  _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile (or, with "
+                                "--run, to time).")
   _OUT_DIR = flags.DEFINE_string("output_dir", "", "Write report.json and report.md (with "
                                  "--run: run.json and run.md) here (default: print the table "
                                  "only).")
@@ -854,6 +856,8 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (e.g. owt_mdm).")
   run = _RUN.value if _RUN.value is not None else attached_platform() != "cpu"
+  if run and _FIND.value:
+    raise app.UsageError("--find_max_batch compiles for --topology: add --norun.")
   try:
     if run:
       res = run_attached(_CONFIG.value, per_chip_batch=_BATCH.value, vocab=_VOCAB.value,
