@@ -38,6 +38,22 @@ compile-only v4 topology has two devices (TensorCores) per chip; its per-device 
 are halves of a chip's.  ``--config.KEY=VALUE`` overrides anything (``model.remat=dots``,
 ``training.num_microbatches=4``).  Each result row keeps the program, batch and chip, so
 a measured step time from attached devices can sit beside the bound in the same report.
+
+Run on the attached devices (``--run``; the default when they are GPUs or TPUs, ``--norun``
+compiles for ``--topology`` there too), the same programs are timed instead of compiled
+for a slice: the train and eval steps on synthetic tokens, each the median of ``--steps``
+calls after ``--warmup`` (``block_until_ready``), with tokens/s, model TFLOP/s per device
+and MFU against a bf16 matmul (``--ceiling_size``) measured on the first device in the same
+process, and the device's peak memory (``memory_stats()["peak_bytes_in_use"]`` since the
+process started; "n/a" where the device reports none, as on CPU); then the task's
+configured sampler run to completion at each T of ``--sample_steps`` (default 128 and
+1,024): NFE, seconds, ms per NFE, tokens/s.  Before each program and each T the elapsed
+time is checked against ``--time_budget_s`` (the T = 1,024 run predicted from the one
+before it); what would overrun is skipped and named in the report's notes.  With
+``--output_dir`` the report is ``run.json`` and ``run.md``, beside a compile report:
+
+  python -m mdm_jax.benchmarks.tpu_compile --config=owt_mdm --run --per_chip_batch=16 \\
+      --output_dir=bench/gpu_owt_mdm
 """
 
 from __future__ import annotations
@@ -101,20 +117,36 @@ class ReportError(Exception):
 def _define_flags():
   """Command-line flags (defined only when run as a script, so the module imports cleanly)."""
   global _CONFIG, _TOPOLOGY, _SLICES, _BATCH, _VOCAB, _FIND, _MAX_BATCH, _PROGRAMS, _OUT_DIR
+  global _RUN, _STEPS, _WARMUP, _SAMPLE_STEPS, _CEIL_SIZE, _BUDGET
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config to compile (as for "
                                             "mdm_jax.main).", lock_config=False)
   _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU slice: v4|v5p:AxBxC or "
-                                  "v5e|v6e:AxB.")
+                                  "v5e|v6e:AxB (not used with --run).")
   _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-centre network.")
-  _BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Sequences per chip for every program "
-                                "(0 = training.batch_size / chips).")
+  _BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Sequences per chip (with --run: per "
+                                "attached device) for every program (0 = training.batch_size "
+                                "/ chips).")
   _VOCAB = flags.DEFINE_integer("vocab_size", 50257, "Vocabulary size (no tokenizer is loaded).")
   _FIND = flags.DEFINE_bool("find_max_batch", False, "Also find the largest per-chip batch "
                             "whose train step fits, by bisection over the global batch.")
   _MAX_BATCH = flags.DEFINE_integer("max_per_chip_batch", 4096, "Upper end of that search.")
-  _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile.")
-  _OUT_DIR = flags.DEFINE_string("output_dir", "", "Write report.json and report.md here "
-                                 "(default: print the table only).")
+  _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile (or, with "
+                                "--run, to time).")
+  _OUT_DIR = flags.DEFINE_string("output_dir", "", "Write report.json and report.md (with "
+                                 "--run: run.json and run.md) here (default: print the table "
+                                 "only).")
+  _RUN = flags.DEFINE_bool("run", None, "Run and time the programs on the attached devices "
+                           "instead of compiling for --topology (default: when the attached "
+                           "devices are not CPUs).")
+  _STEPS = flags.DEFINE_integer("steps", 10, "--run: timed calls of each step (the median is "
+                                "reported).")
+  _WARMUP = flags.DEFINE_integer("warmup", 2, "--run: untimed calls after compilation.")
+  _SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["128", "1024"], "--run: sampler step "
+                                    "counts T, each sampled to completion once.")
+  _CEIL_SIZE = flags.DEFINE_integer("ceiling_size", 0, "--run: n of the n x n x n bf16 matmul "
+                                    "ceiling (0 = 8192 on accelerators, 256 on CPU).")
+  _BUDGET = flags.DEFINE_float("time_budget_s", 420.0, "--run: seconds after which the programs "
+                               "not yet started are skipped (named in the report's notes).")
 
 
 # ---- the slice
@@ -469,6 +501,182 @@ def analyse(config, topology: str, *, num_slices: int = 1, per_chip_batch: int =
           "num_microbatches": int(config.training.num_microbatches), "rows": rows}
 
 
+# ---- on the attached devices (--run)
+
+def attached_platform() -> str:
+  """The platform of the devices JAX has attached ("cpu", "gpu", "tpu")."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return str(jax.devices()[0].platform)
+
+
+def _published_chip(device_kind: str) -> Optional[Chip]:
+  return next((c for c in CHIPS.values() if c.device_kind == device_kind), None)
+
+
+def _step_row(name: str, times: Sequence[float], compile_s: float, tokens: int,
+              model_flops: float, devices: int, ceiling: float) -> Dict[str, Any]:
+  """Median step time of ``times`` (seconds) and what follows from it."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mdm_jax.benchmarks import train_bench  # pylint: disable=import-outside-toplevel
+  step_s = float(np.median(times))
+  mem = train_bench.peak_memory()
+  achieved = model_flops / step_s / devices
+  return {"program": name, "compile_s": compile_s, "steps": len(times),
+          "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * float(np.min(times)),
+          "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+          "model_flops_per_device": model_flops / devices,
+          "model_tflops_per_s_per_device": achieved / 1e12,
+          "mfu": achieved / ceiling if model_flops else None,
+          "peak_bytes_in_use": mem.get("device_peak_bytes"),
+          "host_max_rss_gib": mem["host_max_rss_gib"]}
+
+
+def run_attached(config, *, per_chip_batch: int = 0, vocab: int = 50257,
+                 programs: Sequence[str] = PROGRAMS, sample_steps: Sequence[int] = (128, 1024),
+                 steps: int = 10, warmup: int = 2, ceiling_size: int = 0,
+                 time_budget_s: float = 420.0) -> Dict[str, Any]:
+  """Runs and times the programs on the attached devices; the report as a dict.
+
+  The train and eval steps are the trainer's (as compiled by ``analyse``), on synthetic
+  tokens, timed as the median of ``steps`` calls after ``warmup``; ``sample`` is the task's
+  configured sampler run to completion at each T of ``sample_steps`` (``Task.generate``).
+  MFU is against a bf16 matmul measured on the first device in this process.  Before each
+  program (and each T) the time spent so far is checked against ``time_budget_s``; what
+  does not fit is skipped and named in ``notes``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mdm_jax.benchmarks import train_bench  # pylint: disable=import-outside-toplevel
+  from mdm_jax.tasks import build_task, validate_config  # pylint: disable=import-outside-toplevel
+  from mdm_jax.trainers.setup import validate_batch  # pylint: disable=import-outside-toplevel
+  from mdm_jax.trainers.state import init_state, make_optimizer  # pylint: disable=import-outside-toplevel
+  from mdm_jax.trainers.steps import make_eval_step, make_train_step  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  bad = [p for p in programs if p not in PROGRAMS]
+  if bad:
+    raise ReportError(f"--programs: unknown {bad}; choose from {list(PROGRAMS)}.")
+  if steps < 1 or warmup < 0 or any(int(t) < 1 for t in sample_steps):
+    raise ReportError("--steps and every --sample_steps must be at least 1, --warmup at least 0.")
+  devices = jax.devices()
+  n = len(devices)
+  platform, kind = str(devices[0].platform), str(devices[0].device_kind)
+  if per_chip_batch <= 0:
+    bsz = int(config.training.batch_size)
+    if bsz % n:
+      raise ReportError(f"training.batch_size={bsz} does not divide over {n} devices; give "
+                        "--per_chip_batch.")
+    per_chip_batch = bsz // n
+  global_batch = per_chip_batch * n
+  c = _prepared(config, global_batch)
+  try:
+    mesh = shd.make_mesh(c.mesh, devices)
+  except ValueError as e:
+    raise ReportError(f"{e} ({n} devices are attached)") from e
+  try:
+    validate_config(c)
+    validate_batch(c, mesh)
+  except ConfigError as e:
+    raise ReportError(str(e)) from e
+  ceiling_n = int(ceiling_size) or (8192 if platform != "cpu" else 256)
+  ceiling = train_bench.matmul_ceiling("bfloat16", ceiling_n)
+  task = build_task(c, vocab)
+  rules = shd.logical_rules(c.mesh)
+  tx, _ = make_optimizer(c.training)
+  state, shardings = init_state(task, tx, mesh, rules, 0)
+  length = int(c.data.seq_len)
+  fpt = model_flops_per_token(c.model, vocab, length) if c.model.name == "dit" else 0.0
+  rng = np.random.default_rng(0)
+  bsh = shd.batch_sharding(mesh)
+  tokens = [jax.device_put(rng.integers(0, vocab, (global_batch, length), dtype=np.int32), bsh)
+            for _ in range(2)]
+  rows: List[Dict[str, Any]] = []
+  notes: List[str] = []
+  common = {"per_chip_batch": per_chip_batch, "global_batch": global_batch,
+            "mesh": dict(zip(shd.MESH_AXES, mesh.devices.shape))}
+
+  def spent(what: str, predicted: float = 0.0) -> bool:
+    used = time.perf_counter() - start
+    if used + predicted <= time_budget_s:
+      return False
+    why = (f"predicted to end at {used + predicted:.0f} s" if predicted else
+           f"{used:.0f} s used")
+    notes.append(f"{what} skipped: the time budget of {time_budget_s:g} s ({why})")
+    return True
+
+  if "train" in programs and not spent("train"):
+    step = make_train_step(task, tx, c, mesh, rules, shardings)
+    train_state = state
+
+    def train_call(i):
+      nonlocal train_state
+      train_state, metrics = compiled(train_state, {"tokens": tokens[i % 2]})
+      return metrics
+
+    with jax.set_mesh(mesh):
+      t0 = time.perf_counter()
+      compiled = step.lower(train_state, {"tokens": tokens[0]}).compile()
+      compile_s = time.perf_counter() - t0
+      times = train_bench.timed(train_call, steps, warmup)
+    rows.append({**_step_row("train", times, compile_s, global_batch * length,
+                             fpt * global_batch * length, n, ceiling), **common})
+    # The step donates its input state: later programs use the trained one.
+    state = train_state
+  if "eval" in programs and not spent("eval"):
+    passes = int(getattr(task, "num_time_samples", 1) or 1)
+    batch = {"tokens": tokens[0],
+             "weights": jax.device_put(np.ones((global_batch,), np.float32), bsh)}
+    key = jax.random.key_data(jax.random.key(0))
+    step = make_eval_step(task, c, mesh, rules, shardings.params)
+    with jax.set_mesh(mesh):
+      t0 = time.perf_counter()
+      compiled = step.lower(state.params, batch, key).compile()
+      compile_s = time.perf_counter() - t0
+      times = train_bench.timed(lambda i: compiled(state.params, batch, key), steps, warmup)
+    row = _step_row("eval", times, compile_s, global_batch * length,
+                    fpt / 3 * global_batch * length * passes, n, ceiling)
+    rows.append({**row, "time_samples": passes, **common})
+  if "sample" in programs:
+    sampler = task.default_sampler(c)
+    last: Optional[Tuple[int, float, float]] = None     # (T, compile s, sampling s)
+    for t in [int(t) for t in sample_steps]:
+      # The next T's time, from the last: its compile time plus its sampling time scaled by T.
+      predicted = last[1] + last[2] * t / last[0] if last else 0.0
+      if spent(f"sampling at T = {t}", predicted):
+        continue
+      _, st = task.generate(state.params, c, num_steps=t, num_samples=global_batch, mesh=mesh,
+                            rules=rules)
+      nfe, wall = int(st["nfe"]), float(st["wall_time_s"])
+      last = (t, float(st["compile_time_s"]), wall)
+      flops = fpt / 3 * global_batch * length * nfe
+      achieved = flops / max(wall, 1e-9) / n
+      mem = train_bench.peak_memory()
+      rows.append({"program": "sample", "sampler": sampler, "T": t, "nfe": nfe,
+                   "compile_s": float(st["compile_time_s"]), "wall_s": wall,
+                   "ms_per_nfe": 1e3 * wall / max(nfe, 1), "tokens": global_batch * length,
+                   "tokens_per_s": float(st["tokens_per_s"]),
+                   "model_flops_per_device": flops / n,
+                   "model_tflops_per_s_per_device": achieved / 1e12,
+                   "mfu": achieved / ceiling if fpt else None,
+                   "idle_fraction": st.get("idle_fraction"),
+                   "peak_bytes_in_use": mem.get("device_peak_bytes"),
+                   "host_max_rss_gib": mem["host_max_rss_gib"], **common})
+  res = {"mode": "run", "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+         "platform": platform, "device_kind": kind, "devices": n,
+         "ceiling": {"dtype": "bfloat16", "n": ceiling_n, "tflops": ceiling / 1e12},
+         "vocab_size": vocab,
+         "model": {k: config.model[k] for k in ("name", "num_layers", "d_model", "num_heads",
+                                                 "dtype", "scan_layers", "remat")
+                   if k in config.model},
+         "objective": str(config.objective), "ell": int(config.prime.ell),
+         "seq_len": length, "num_microbatches": int(config.training.num_microbatches),
+         "time_budget_s": float(time_budget_s), "notes": notes, "rows": rows}
+  chip = _published_chip(kind)
+  if chip is not None:
+    res["published_peak_tflops_per_chip"] = chip.peak_flops / 1e12
+  res["elapsed_s"] = time.perf_counter() - start
+  return res
+
+
 def find_max_batch(config, topology: str, *, num_slices: int = 1, vocab: int = 50257,
                    limit: int = 4096) -> Dict[str, Any]:
   """The largest per-chip batch whose train step the compiler accepts.
@@ -586,32 +794,96 @@ def table(res: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _memory_cell(r: Dict[str, Any]) -> str:
+  """Peak device memory in GiB, or "n/a" with the host's peak resident memory beside it."""
+  if r["peak_bytes_in_use"] is None:
+    return f"n/a (host RSS {r['host_max_rss_gib']:.2f})"
+  return _gib(r["peak_bytes_in_use"])
+
+
+def _pct(x: Optional[float]) -> str:
+  return "-" if x is None else f"{100 * x:.3g}%"
+
+
+def run_table(res: Dict[str, Any]) -> str:
+  """The measured report as markdown: the train and eval steps, then sampling at each T."""
+  ceil = res["ceiling"]
+  peak = (f"; published peak {res['published_peak_tflops_per_chip']:g} TFLOP/s per chip"
+          if "published_peak_tflops_per_chip" in res else "")
+  head = (f"measured on {res['devices']} x {res['device_kind']} ({res['platform']}); jax "
+          f"{res['jax']}; {ceil['dtype']} {ceil['n']}^3 matmul ceiling {ceil['tflops']:.3g} "
+          f"TFLOP/s per device{peak}; {res['objective']} ell={res['ell']}, seq "
+          f"{res['seq_len']}, {res['elapsed_s']:.0f} s in all")
+  lines = [head, ""]
+  steps = [r for r in res["rows"] if r["program"] != "sample"]
+  if steps:
+    lines += ["| program | seq/device | compile s | ms per step (median) | min ms | tokens/s | "
+              "model TFLOP/s/device | MFU | peak GiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in steps:
+      lines.append(
+          f"| {r['program']} | {r['per_chip_batch']} | {r['compile_s']:.1f} | "
+          f"{r['step_ms']:.4g} (of {r['steps']}) | {r['step_ms_min']:.4g} | "
+          f"{r['tokens_per_s']:.4g} | {r['model_tflops_per_s_per_device']:.3g} | "
+          f"{_pct(r['mfu'])} | {_memory_cell(r)} |")
+    lines.append("")
+  samples = [r for r in res["rows"] if r["program"] == "sample"]
+  if samples:
+    lines += ["| sampler | seq/device | T | NFE | compile s | s | ms per NFE | tokens/s | MFU | "
+              "peak GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in samples:
+      lines.append(
+          f"| {r['sampler']} | {r['per_chip_batch']} | {r['T']} | {r['nfe']} | "
+          f"{r['compile_s']:.1f} | {r['wall_s']:.3g} | {r['ms_per_nfe']:.3g} | "
+          f"{r['tokens_per_s']:.4g} | {_pct(r['mfu'])} | {_memory_cell(r)} |")
+    lines.append("")
+  for note in res["notes"]:
+    lines.append(f"- {note}")
+  return "\n".join(lines).rstrip()
+
+
+def _write(out_dir: str, stem: str, res: Dict[str, Any], md: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+    json.dump(res, f, indent=2, default=str)
+  with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+    f.write(md + "\n")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (e.g. owt_mdm).")
+  run = _RUN.value if _RUN.value is not None else attached_platform() != "cpu"
+  if run and _FIND.value:
+    raise app.UsageError("--find_max_batch compiles for --topology: add --norun.")
   try:
-    res = analyse(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value,
-                  per_chip_batch=_BATCH.value, vocab=_VOCAB.value, programs=_PROGRAMS.value)
-    if _FIND.value:
-      res["max_batch"] = find_max_batch(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value,
-                                        vocab=_VOCAB.value, limit=_MAX_BATCH.value)
+    if run:
+      res = run_attached(_CONFIG.value, per_chip_batch=_BATCH.value, vocab=_VOCAB.value,
+                         programs=_PROGRAMS.value,
+                         sample_steps=[int(t) for t in _SAMPLE_STEPS.value],
+                         steps=_STEPS.value, warmup=_WARMUP.value,
+                         ceiling_size=_CEIL_SIZE.value, time_budget_s=_BUDGET.value)
+      md = run_table(res)
+    else:
+      res = analyse(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value,
+                    per_chip_batch=_BATCH.value, vocab=_VOCAB.value, programs=_PROGRAMS.value)
+      if _FIND.value:
+        res["max_batch"] = find_max_batch(_CONFIG.value, _TOPOLOGY.value,
+                                          num_slices=_SLICES.value, vocab=_VOCAB.value,
+                                          limit=_MAX_BATCH.value)
+      md = table(res)
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  md = table(res)
   print(md)
   if _OUT_DIR.value:
-    os.makedirs(_OUT_DIR.value, exist_ok=True)
-    with open(os.path.join(_OUT_DIR.value, "report.json"), "w") as f:
-      json.dump(res, f, indent=2, default=str)
-    with open(os.path.join(_OUT_DIR.value, "report.md"), "w") as f:
-      f.write(md + "\n")
+    _write(_OUT_DIR.value, "run" if run else "report", res, md)
 
 
 if __name__ == "__main__":
   _define_flags()
   app.run(main, flags_parser=flags_parser(
       "python -m mdm_jax.benchmarks.tpu_compile --config=NAME --topology=v5p:2x2x1 "
-      "[--per_chip_batch=N] [--find_max_batch] [--config.KEY=VALUE ...]"))
+      "[--per_chip_batch=N] [--find_max_batch] [--run] [--config.KEY=VALUE ...]"))

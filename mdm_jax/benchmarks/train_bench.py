@@ -28,7 +28,7 @@ import json
 import os
 import resource
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -74,12 +74,29 @@ def matmul_ceiling(dtype_name: str, n: int, repeats: int = 10) -> float:
   return 4 * 2.0 * n ** 3 / best
 
 
-def _peak_memory() -> Dict[str, Any]:
+def timed(call: Callable[[int], Any], steps: int, warmup: int) -> List[float]:
+  """Seconds of each of ``steps`` calls ``call(i)`` (its result blocked on), after ``warmup``
+  untimed calls."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for i in range(warmup):
+    jax.block_until_ready(call(i))
+  times = []
+  for i in range(warmup, warmup + steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call(i))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def peak_memory() -> Dict[str, Any]:
+  """The first device's peak memory in use since the process started (bytes and GiB, where
+  the device reports it) and the host process's peak resident memory (GiB)."""
   import jax  # pylint: disable=import-outside-toplevel
   stats = {}
   try:
     ms = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in ms:
+      stats["device_peak_bytes"] = int(ms["peak_bytes_in_use"])
       stats["device_peak_gib"] = ms["peak_bytes_in_use"] / 2**30
   except Exception:  # pylint: disable=broad-except
     pass
@@ -108,19 +125,18 @@ def bench_one(config, ell: str, vocab: int, batch: int, steps: int, warmup: int)
   batch_sh = shd.batch_sharding(mesh)
   batches = [{"tokens": jax.device_put(rng.integers(0, vocab, (bsz, length), dtype=np.int32),
                                        batch_sh)} for _ in range(2)]
+  metrics = {}
+
+  def one(i):
+    nonlocal state
+    state, metrics["last"] = compiled(state, batches[i % 2])
+    return metrics["last"]
+
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    for i in range(warmup):
-      state, _ = compiled(state, batches[i % 2])
-    jax.block_until_ready(state)
-    times = []
-    for i in range(steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batches[i % 2])
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t0)
+    times = timed(one, steps, warmup)
   step_s = float(np.median(times))
   tokens = bsz * length
   fpt = model_flops_per_token(c.model, vocab, length)
@@ -132,7 +148,7 @@ def bench_one(config, ell: str, vocab: int, batch: int, steps: int, warmup: int)
           "step_ms_min": float(np.min(times)) * 1e3, "tokens_per_s": tokens / step_s,
           "model_flops_per_token": fpt,
           "model_tflops_per_s_per_device": fpt * tokens / step_s / n_dev / 1e12,
-          "loss": float(metrics["loss"]), **_peak_memory()}
+          "loss": float(metrics["last"]["loss"]), **peak_memory()}
 
 
 def run(config, ells: List[str], vocab: int, batch: int, steps: int, warmup: int,
