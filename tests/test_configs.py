@@ -100,7 +100,8 @@ CASES = [(n, "") for n in CONFIG_FILES if n not in IMAGE_CONFIGS] + [
     ("shakespeare_prime.py", "tiny"), ("shakespeare_prime.py", "ell=3,tiny"),
     ("owt_prime.py", "ell=2"), ("owt_prime.py", "ell=8,microbatches=4"),
     ("owt_mdm.py", "smoke"), ("owt_ar.py", "microbatches=8"),
-    ("lm1b_prime.py", "ell=5"), ("lm1b_prime.py", "ell=2,smoke")]
+    ("lm1b_prime.py", "ell=5"), ("lm1b_prime.py", "ell=2,smoke"),
+    ("owt_1b.py", "ell=2"), ("owt_1b.py", "smoke")]
 
 
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" if a else n for n, a in CASES])
@@ -118,6 +119,17 @@ def test_config_loads_validates_and_builds(name, arg):
   # Every config's batch splits over 8 devices on its own mesh.
   mesh = shd.make_mesh(config.mesh, jax.devices()[:8])
   validate_batch(config, mesh)
+
+
+def test_owt_1b_has_a_billion_parameters_and_the_owt_recipe():
+  config = load("owt_1b.py")
+  task = build_task(config, GPT2_VOCAB)
+  n = count(abstract_params(task))
+  assert 1.0e9 < n < 1.6e9, n
+  assert (config.model.num_layers, config.model.d_model) == (24, 2048)
+  assert config.data.seq_len == 1024 and config.data.tokenizer == "gpt2"
+  assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
+  assert tuple(config.mesh.shape) == (1, -1, 1)
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)
