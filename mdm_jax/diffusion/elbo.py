@@ -66,6 +66,7 @@ values are the same as with full logits (tested).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -137,6 +138,22 @@ def chunk_length(length: int, chunk: int) -> int:
   return c
 
 
+_UNROLLED = [False]
+
+
+@contextlib.contextmanager
+def unrolled_slices():
+  """Within it, ``position_terms`` traces its slices as straight-line code instead of a
+  loop (same values), so a cost analysis that counts a loop body once counts every slice
+  (``mdm_jax.benchmarks.tpu_compile``)."""
+  before = _UNROLLED[0]
+  _UNROLLED[0] = True
+  try:
+    yield
+  finally:
+    _UNROLLED[0] = before
+
+
 def position_terms(apply_fn: ApplyFn, params: Any, inputs: Array, t: Array, term_fn,
                    side: Tuple[Array, ...], *, train: bool, rng: Optional[Array],
                    split: Optional[SplitNetwork] = None):
@@ -146,7 +163,7 @@ def position_terms(apply_fn: ApplyFn, params: Any, inputs: Array, t: Array, term
   ...]) to per-position outputs [B, c, ...]; it may close over anything else.  Without
   ``split`` it sees the full logits of ``apply_fn``.  With it the network runs up to its
   features and ``term_fn(head(features slice), ...)`` runs slice by slice in a
-  ``lax.map`` under ``jax.checkpoint``, so the backward pass recomputes each slice's
+  ``lax.scan`` under ``jax.checkpoint``, so the backward pass recomputes each slice's
   logits instead of storing all of them.
   """
   if split is None:
@@ -167,7 +184,10 @@ def position_terms(apply_fn: ApplyFn, params: Any, inputs: Array, t: Array, term
     xc, *sc = xs
     return term_fn(split.head(params, xc), *sc)
 
-  out = jax.lax.map(jax.checkpoint(one), (to_slices(x),) + tuple(map(to_slices, side)))
+  body = jax.checkpoint(one)
+  _, out = jax.lax.scan(lambda carry, xs: (carry, body(xs)), None,
+                        (to_slices(x),) + tuple(map(to_slices, side)),
+                        unroll=n if _UNROLLED[0] else 1)
   return jax.tree.map(
       lambda o: jnp.swapaxes(o, 0, 1).reshape((bsz, length) + o.shape[3:]), out)
 
