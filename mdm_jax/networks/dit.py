@@ -471,21 +471,23 @@ def dit_head(cfg: DiTConfig, params, x, padded: bool = False):
   are [..., V]; with ``padded`` and ``cfg.vocab_multiple`` they are [..., head_width] with
   the padded columns at ``PAD_LOGIT``.
   """
+  v = cfg.vocab_size
   if cfg.tie_embeddings:
-    table = params["embed"]["table"][: cfg.vocab_size]
-    logits = project(x, table.astype(x.dtype).T, out_dtype=jnp.float32)
+    w = params["embed"]["table"][:v].astype(x.dtype).T
   else:
-    logits = project(x, params["head"].astype(cfg.dtype), out_dtype=jnp.float32)
+    # Unpadded logits come from the first V columns of the weight, not from slicing the
+    # [..., V'] product: no second copy of the logits.
+    w = params["head"] if padded else params["head"][:, :v]
+    w = w.astype(cfg.dtype)
+  logits = project(x, w, out_dtype=jnp.float32)
   if cfg.head_bias:
-    logits = logits + params["head_bias"].astype(jnp.float32)
+    b = params["head_bias"] if padded else params["head_bias"][:v]
+    logits = logits + b.astype(jnp.float32)
   if logits.ndim == 3:
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-  if logits.shape[-1] > cfg.vocab_size:
-    if padded:
-      column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-      logits = jnp.where(column < cfg.vocab_size, logits, PAD_LOGIT)
-    else:
-      logits = logits[..., : cfg.vocab_size]
+  if logits.shape[-1] > v:
+    column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    logits = jnp.where(column < v, logits, PAD_LOGIT)
   return logits
 
 
