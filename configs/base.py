@@ -109,6 +109,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.gate_init = 0.0
   c.model.local_conv = 0              # > 0: residual depthwise conv (odd width) over length in
                                       # each block: masked positions read their neighbours early
+  c.model.loss_chunk = 0              # > 0: the output head and the loss run this many positions
+                                      # at a time, rematerialised (never all [B, L, V] logits at
+                                      # once; same values); 0 = full logits (dit only)
+  c.model.vocab_multiple = 0          # > 1: the untied output head is V rounded up to a multiple
+                                      # of this wide (128 x the tensor-axis size shards it; the
+                                      # extra logits are masked); 0 = exactly V (changes the
+                                      # parameters: a checkpoint restores only with its own value)
   # Image backbones (model.name = image_dit | mc_dit; mdm_jax/networks/).
   c.model.image_shape = (28, 28, 1)   # (H, W, C); data.seq_len must equal H * W * C
   c.model.patch_size = 2              # p x p patches

@@ -40,6 +40,7 @@ def get_lm1b_base():
   c.data.seq_len = 128
   c.data.eval_fraction = 0.01            # only used when no --eval_split is given to prepare
   set_dit_small(c)
+  c.model.loss_chunk = 32                # 4 slices of the 128 positions
   set_large_training(c, num_steps=1_000_000)
   c.eval.num_batches = 64                # 64 x 512 x 128 = 4.2 M tokens
   c.sampling.num_steps = 128

@@ -55,6 +55,9 @@ def set_dit_small(c):
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat = "none"              # "dots" or "full" if activations do not fit
+  c.model.loss_chunk = 128            # head + loss 128 positions at a time: no [B, L, V] logits
+  c.model.vocab_multiple = 128        # 50,257 -> 50,304 head columns (x the tensor-axis size
+                                      # to shard the head over it)
   return c
 
 

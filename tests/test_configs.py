@@ -69,7 +69,9 @@ def dit_param_count(config, vocab: int, base: int, ell: int) -> dict:
   final = (c * 2 * d + 2 * d) + d                    # final adaLN + LayerNorm scale
   rows = (base + 1) * (ell if m.get("per_slot_tables", False) else 1)
   embed = rows * (d if m.get("digit_merge", "concat") == "sum" else d // ell)   # digit table(s)
-  head = 0 if m.tie_embeddings else d * vocab
+  multiple = int(m.get("vocab_multiple", 0))
+  width = -(-vocab // multiple) * multiple if multiple > 1 else vocab   # a padded head's columns
+  head = 0 if m.tie_embeddings else d * width
   return {"body": L * per_block + cond + final, "embed": embed, "head": head,
           "total": L * per_block + cond + final + embed + head}
 

@@ -14,9 +14,10 @@ reports
   ``benchmarks/flops.py``).  XLA counts a ``while`` body once, so with
   ``model.scan_layers`` (or microbatches) the raw count is about 1/num_layers of the
   truth.  The report adds the missing iterations: it lowers (does not compile) the same
-  step twice on the CPU, once as configured and once with the layers unrolled and one
-  microbatch (the eval bound: one time sample, times the configured number), and adds the
-  difference of XLA's two counts, per device;
+  step twice on the CPU, once as configured and once with the layers (and the loss's
+  slices of positions, ``model.loss_chunk``) unrolled and one microbatch (the eval bound:
+  one time sample, times the configured number), and adds the difference of XLA's two
+  counts, per device;
 * HBM bytes accessed (XLA's count, loop bodies once: a lower bound);
 * a roofline lower bound on the step time, max(FLOPs / peak, bytes / bandwidth), from the
   chip's published peaks (``CHIPS``), hence an upper bound on MFU; XLA's own
@@ -78,6 +79,7 @@ from mdm_jax.benchmarks.flops import model_flops_per_token
 from mdm_jax.core import sharding as shd
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
+from mdm_jax.diffusion import elbo
 
 GIB = 2 ** 30
 
@@ -429,7 +431,7 @@ def loop_corrections(config, vocab: int, global_batch: int, names: Sequence[str]
   passes = int(c.eval.num_time_samples)
   u.eval.num_time_samples = 1
   if not (bool(c.model.get("scan_layers", False)) or int(c.training.num_microbatches) > 1
-          or ("eval" in names and passes > 1)):
+          or ("eval" in names and passes > 1) or int(c.model.get("loss_chunk", 0)) > 0):
     return {n: {"flops": 0.0, "method": "none needed (no scanned layers, one microbatch)"}
             for n in names}
   out = {}
@@ -438,10 +440,11 @@ def loop_corrections(config, vocab: int, global_batch: int, names: Sequence[str]
     flat = build_programs(u, vocab, mesh, global_batch, names)
     for n in names:
       f0 = cost_of(as_is[n][0].lower(*as_is[n][1]))["flops"]
-      f1 = cost_of(flat[n][0].lower(*flat[n][1]))["flops"]
+      with elbo.unrolled_slices():
+        f1 = cost_of(flat[n][0].lower(*flat[n][1]))["flops"]
       method = ("added the loop iterations XLA counts once: XLA's count of the step lowered "
-                "with unrolled layers and one microbatch, less that of the step as "
-                "configured (both on the CPU), per device")
+                "with unrolled layers (and loss slices), one microbatch, less that of the "
+                "step as configured (both on the CPU), per device")
       if n == "eval" and passes > 1:
         f1 *= passes
         method += f"; the eval bound's {passes} time samples as {passes} x one unrolled pass"

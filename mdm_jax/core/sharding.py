@@ -91,14 +91,27 @@ def _axis_size(mesh: Mesh, entry) -> int:
   return math.prod(mesh.shape[n] for n in names)
 
 
+_REPLICATED_WARNED: set = set()
+
+
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "") -> P:
-  """Drops mesh axes from dimensions they do not divide (those dims are replicated)."""
+  """Drops mesh axes from dimensions they do not divide (those dims are replicated).
+
+  Each such drop is logged as a warning, once per ``what`` (the array's name): a
+  replicated dimension costs memory on every device of that axis (an odd vocabulary
+  replicates the output head and its logits over tensor; ``model.vocab_multiple`` pads it).
+  """
   entries = list(spec) + [None] * (len(shape) - len(spec))
   out = []
   for dim, entry in zip(shape, entries):
     if entry is not None and dim % _axis_size(mesh, entry):
-      logging.log_first_n(logging.INFO, "Replicating a dim of size %d of %s: not divisible by "
-                          "mesh axes %s.", 20, dim, what or "an array", entry)
+      name = what or "an array"
+      if name not in _REPLICATED_WARNED:
+        _REPLICATED_WARNED.add(name)
+        logging.warning("Replicating a dimension of size %d of %s over mesh axes %s: it is "
+                        "not divisible by their size %d (an output head or vocabulary table "
+                        "shards when padded: model.vocab_multiple).", dim, name, entry,
+                        _axis_size(mesh, entry))
       entry = None
     out.append(entry)
   return P(*out)
@@ -114,12 +127,13 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = nn.unbox(abstract_tree)
 
-  def one(leaf, spec):
+  def one(path, leaf, spec):
     spec = spec if isinstance(spec, P) else P()
-    return NamedSharding(mesh, fit_spec(spec, getattr(leaf, "shape", ()), mesh))
+    return NamedSharding(mesh, fit_spec(spec, getattr(leaf, "shape", ()), mesh,
+                                        jax.tree_util.keystr(path)))
 
-  return jax.tree.map(one, unboxed, mesh_specs,
-                      is_leaf=lambda x: isinstance(x, P) or x is None)
+  return jax.tree_util.tree_map_with_path(one, unboxed, mesh_specs,
+                                          is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -54,10 +54,19 @@ GenMD4's reconstruction term for [0, t_min] (``schedule.reconstruction``).
 The t-free order estimator (``schedule.estimator == "order"``, ``order_loss``) replaces
 the time draw by a Plackett-Luce prefix of the decoding order in training
 (docs/method/algorithms.md §2.5 (b)); evaluation still draws t.
+
+Every objective needs the logits only through per-position terms (a token's NLL, a
+digit's marginal NLL, a value-dependent element cost), so with a ``SplitNetwork`` (the
+network cut before its output head, ``model.loss_chunk`` positions per slice) the head
+and those terms run one slice of positions at a time under ``jax.checkpoint``
+(``position_terms``): only one slice's [B, c, V] logits exist at once, forward or
+backward, at the price of the head's matmul once more in the backward pass.  The
+values are the same as with full logits (tested).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -72,6 +81,9 @@ from mdm_jax.diffusion.schedules import Schedule
 Array = jax.Array
 # apply_fn(params, inputs [B, L, ell] int, t [B] f32, *, train: bool, rng) -> logits [B, L, V]
 ApplyFn = Callable[..., Array]
+
+# head_fn(params, features [B, c, D]) -> logits [B, c, V'] with V' >= V (columns >= V padded)
+HeadFn = Callable[[Any, Array], Array]
 
 LOSS_FORMS = ("marginal", "joint")
 WEIGHTINGS = ("elbo", "flat")
@@ -100,6 +112,86 @@ class DiffusionLossConfig:
       raise ValueError(f"training.t_min must be in (0, 1), got {self.t_min}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitNetwork:
+  """A network cut before its output head, for losses computed a slice of positions at a time.
+
+  ``features(params, inputs, t, *, train, rng)`` returns the final features [B, L, D];
+  ``head(params, x)`` maps features [B, c, D] to float32 logits [B, c, V'] (V' >= V: a
+  padded head's extra columns hold a very negative logit and are never read as tokens);
+  ``chunk`` is the number of positions per slice (the largest divisor of L not above it).
+  """
+  features: ApplyFn
+  head: HeadFn
+  chunk: int
+
+  def __post_init__(self):
+    if int(self.chunk) < 1:
+      raise ValueError(f"model.loss_chunk must be >= 1 here, got {self.chunk}.")
+
+
+def chunk_length(length: int, chunk: int) -> int:
+  """The largest divisor of ``length`` that is at most ``chunk`` (positions per slice)."""
+  c = max(1, min(int(chunk), int(length)))
+  while length % c:
+    c -= 1
+  return c
+
+
+_UNROLLED = [False]
+
+
+@contextlib.contextmanager
+def unrolled_slices():
+  """Within it, ``position_terms`` traces its slices as straight-line code instead of a
+  loop (same values), so a cost analysis that counts a loop body once counts every slice
+  (``mdm_jax.benchmarks.tpu_compile``)."""
+  before = _UNROLLED[0]
+  _UNROLLED[0] = True
+  try:
+    yield
+  finally:
+    _UNROLLED[0] = before
+
+
+def position_terms(apply_fn: ApplyFn, params: Any, inputs: Array, t: Array, term_fn,
+                   side: Tuple[Array, ...], *, train: bool, rng: Optional[Array],
+                   split: Optional[SplitNetwork] = None):
+  """``term_fn(logits, *side)`` over all positions: a pytree of [B, L, ...] arrays.
+
+  ``term_fn`` maps logits [B, c, V] and the matching slices of ``side`` (arrays [B, L,
+  ...]) to per-position outputs [B, c, ...]; it may close over anything else.  Without
+  ``split`` it sees the full logits of ``apply_fn``.  With it the network runs up to its
+  features and ``term_fn(head(features slice), ...)`` runs slice by slice in a
+  ``lax.scan`` under ``jax.checkpoint``, so the backward pass recomputes each slice's
+  logits instead of storing all of them.
+  """
+  if split is None:
+    logits = apply_fn(params, inputs, t, train=train, rng=rng)
+    chex.assert_equal(logits.shape[:2], inputs.shape[:2])
+    return term_fn(logits, *side)
+  x = split.features(params, inputs, t, train=train, rng=rng)            # [B, L, D]
+  bsz, length = x.shape[:2]
+  c = chunk_length(length, split.chunk)
+  n = length // c
+  if n == 1:
+    return term_fn(split.head(params, x), *side)
+
+  def to_slices(a):                                                      # [n, B, c, ...]
+    return jnp.swapaxes(a.reshape((bsz, n, c) + a.shape[2:]), 0, 1)
+
+  def one(xs):
+    xc, *sc = xs
+    return term_fn(split.head(params, xc), *sc)
+
+  body = jax.checkpoint(one)
+  _, out = jax.lax.scan(lambda carry, xs: (carry, body(xs)), None,
+                        (to_slices(x),) + tuple(map(to_slices, side)),
+                        unroll=n if _UNROLLED[0] else 1)
+  return jax.tree.map(
+      lambda o: jnp.swapaxes(o, 0, 1).reshape((bsz, length) + o.shape[3:]), out)
+
+
 def sample_times(key: Array, batch: int, t_min: float, antithetic: bool = True,
                  offset: int = 0, num_strata: Optional[int] = None) -> Array:
   """t in [t_min, 1], shape [batch], f32.
@@ -122,7 +214,8 @@ def mdm_token_nll(logits: Array, noisy_tokens: Array, tokens: Array,
                   mask_id: int) -> Array:
   """Reference MDLM "SUBS" cross-entropy: -log softmax(logits)[x] on masked tokens.
 
-  Args: logits [B, L, V]; noisy_tokens, tokens [B, L].  Returns f32 [B, L].
+  Args: logits [B, L, V] (or a padded head's [B, L, V'], extra columns very negative);
+  noisy_tokens, tokens [B, L].  Returns f32 [B, L].
   """
   chex.assert_equal_shape([noisy_tokens, tokens])
   chex.assert_rank(logits, 3)
@@ -224,7 +317,8 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
                    codec: prime_lib.PrimeCodec, schedule: Schedule,
                    cfg: DiffusionLossConfig, train: bool = True,
                    t: Optional[Array] = None, row_ids: Optional[Array] = None,
-                   num_masks: Optional[int] = None) -> Tuple[Array, Dict[str, Array]]:
+                   num_masks: Optional[int] = None,
+                   split: Optional[SplitNetwork] = None) -> Tuple[Array, Dict[str, Array]]:
   """Monte Carlo NELBO (or the joint objective) per sequence, in nats.
 
   Args:
@@ -240,6 +334,8 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
       on how a global batch is cut into microbatches or shards.
     num_masks: masks per sequence (default: ``schedule.num_masks`` when training a
       learned schedule, else 1).
+    split: the same network cut before its head: the loss then runs a slice of
+      positions at a time (``position_terms``); the value is the same.
   Returns:
     (loss [B] f32, metrics) where loss includes the [0, t_min] term.
   """
@@ -248,7 +344,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   value_dependent = getattr(schedule, "value_dependent", False)   # duck-typed schedules lack it
   if train and getattr(schedule, "estimator", "time") == "order":
     return order_loss(apply_fn, params, tokens, key, codec=codec, schedule=schedule, cfg=cfg,
-                      t=t, row_ids=row_ids, num_masks=num_masks)
+                      t=t, row_ids=row_ids, num_masks=num_masks, split=split)
   bsz, length = tokens.shape
   k_t, k_m, k_net = jax.random.split(key, 3)
   if t is None:
@@ -267,31 +363,38 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   if row_ids is not None:
     k_net = jax.random.fold_in(k_net, row_ids[0])   # dropout differs per microbatch
   tt = jnp.tile(t, num_masks) if num_masks > 1 else t
-  logits = apply_fn(params, noisy, tt, train=train, rng=k_net)
-  chex.assert_shape(logits, (num_masks * bsz, length, codec.vocab_size))
   clean = jnp.tile(digits, (num_masks, 1, 1)) if num_masks > 1 else digits
   masked = noisy == codec.mask_id
+
+  def terms(fn):          # fn(logits, noisy, clean) per position, over all K B rows
+    return position_terms(apply_fn, params, noisy, tt, fn, (noisy, clean), train=train,
+                          rng=k_net, split=split)
+
+  def token_nll(lg, nz, cl):
+    return prime_token_nll(lg, nz, cl, codec, cfg.form, cfg.carry_over)
+
   if cfg.weighting == "flat":
     # Mean cross-entropy over the partly masked tokens, scaled to a sequence:
     # not a bound, but free of the 1/t weight's spikes at small batch sizes.
-    nll = prime_token_nll(logits, noisy, clean, codec, cfg.form, cfg.carry_over)
+    nll = terms(token_nll)
     n = jnp.sum(jnp.any(masked, axis=-1), axis=-1).astype(jnp.float32)
     f = (jnp.sum(nll, axis=-1) * length / jnp.maximum(n, 1.0)).reshape(num_masks, bsz)
     loss = jnp.mean(f, axis=0)
   elif value_dependent:
-    f = value_dependent_terms(logits, noisy, clean, schedule.exponents(params), tt, codec,
-                              cfg.carry_over) * (1.0 - cfg.t_min)
+    w = schedule.exponents(params)
+    f = jnp.sum(terms(lambda lg, nz, cl: value_dependent_elements(
+        lg, nz, cl, w, tt, codec, cfg.carry_over)), axis=(1, 2)) * (1.0 - cfg.t_min)
     f = f.reshape(num_masks, bsz)
     loss = jnp.mean(f, axis=0) + schedule.reconstruction(params, cfg.t_min, digits)
   else:
     weight = schedule.weight_ij(params, t, length) * (1.0 - cfg.t_min)  # [B, L|1, S|1]
     tile = lambda w: jnp.tile(w, (num_masks,) + (1,) * (w.ndim - 1)) if num_masks > 1 else w
     if weight.shape[2] > 1 and codec.ell > 1:     # a weight per digit: each masked digit alone
-      nll = digit_marginal_nll(logits, noisy if cfg.carry_over else None, clean, codec)
-      nll = jnp.where(masked, nll, 0.0)                                 # [K B, L, ell]
+      nll = terms(lambda lg, nz, cl: jnp.where(nz == codec.mask_id, digit_marginal_nll(
+          lg, nz if cfg.carry_over else None, cl, codec), 0.0))          # [K B, L, ell]
       f = jnp.sum(tile(jnp.broadcast_to(weight, (bsz, length, codec.ell))) * nll, axis=(1, 2))
     else:
-      nll = prime_token_nll(logits, noisy, clean, codec, cfg.form, cfg.carry_over)   # [K B, L]
+      nll = terms(token_nll)                                            # [K B, L]
       if weight.shape[1] == 1:                    # univariate: one weight per sequence
         f = tile(weight[:, 0, 0]) * jnp.sum(nll, axis=-1)
       else:
@@ -335,6 +438,13 @@ def value_dependent_terms(logits: Array, noisy: Array, clean: Array, w: Array, t
   the continuous-time ELBO when the model unmasks slot j to d at rate w[j, d] p(d) / t
   and the truth at rate w[j, x] / t.  w: exponents [ell, b].
   """
+  return jnp.sum(value_dependent_elements(logits, noisy, clean, w, t, codec, carry_over),
+                 axis=(1, 2))
+
+
+def value_dependent_elements(logits: Array, noisy: Array, clean: Array, w: Array, t: Array,
+                             codec: prime_lib.PrimeCodec, carry_over: bool = True) -> Array:
+  """The element costs of ``value_dependent_terms`` [B, L, ell] (0 where observed)."""
   lp = codec.digit_log_marginals(codec.restricted_code_logprobs(
       logits, noisy if carry_over else None))                          # [B, L, ell, b]
   slots = jnp.arange(codec.ell)
@@ -342,13 +452,14 @@ def value_dependent_terms(logits: Array, noisy: Array, clean: Array, w: Array, t
   lp_x = jnp.take_along_axis(lp, clean[..., None], axis=-1)[..., 0]
   rate = jnp.sum(jnp.exp(lp) * w, axis=-1)
   term = (w_x * (-lp_x) - w_x + rate) / t[:, None, None]
-  return jnp.sum(jnp.where(noisy == codec.mask_id, term, 0.0), axis=(1, 2))
+  return jnp.where(noisy == codec.mask_id, term, 0.0)
 
 
 def order_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
                codec: prime_lib.PrimeCodec, schedule: Schedule, cfg: DiffusionLossConfig,
                t: Optional[Array] = None, row_ids: Optional[Array] = None,
-               num_masks: Optional[int] = None) -> Tuple[Array, Dict[str, Array]]:
+               num_masks: Optional[int] = None,
+               split: Optional[SplitNetwork] = None) -> Tuple[Array, Dict[str, Array]]:
   """The t-free Plackett-Luce estimator of the (untruncated) ELBO per sequence [B].
 
   With N = L * ell digits and log-weights ``schedule.element_log_w`` [N]: the number k of
@@ -395,10 +506,10 @@ def order_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   if row_ids is not None:
     k_net = jax.random.fold_in(k_net, row_ids[0])
   tt = jnp.tile(t, num_masks)
-  logits = apply_fn(params, noisy, tt, train=True, rng=k_net)
-  chex.assert_shape(logits, (num_masks * bsz, length, codec.vocab_size))
-  nll = codec.flatten(digit_marginal_nll(logits, noisy if cfg.carry_over else None, clean,
-                                         codec))                       # [K B, N]
+  nll = codec.flatten(position_terms(
+      apply_fn, params, noisy, tt,
+      lambda lg, nz, cl: digit_marginal_nll(lg, nz if cfg.carry_over else None, cl, codec),
+      (noisy, clean), train=True, rng=k_net, split=split))             # [K B, N]
   w = jnp.where(masked_flat, jnp.exp(lw)[None], 0.0)
   f = n * jnp.sum(w * nll, axis=-1) / jnp.sum(w, axis=-1)
   lw_sorted = lw[order]                                                # [K B, N]
@@ -433,7 +544,8 @@ def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array
 
 def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
                     codec: prime_lib.PrimeCodec, schedule: Schedule,
-                    cfg: DiffusionLossConfig, num_time_samples: int = 1) -> Array:
+                    cfg: DiffusionLossConfig, num_time_samples: int = 1,
+                    split: Optional[SplitNetwork] = None) -> Array:
   """Evaluation: the NELBO per sequence averaged over K stratified times.
 
   The K * B times jointly cover [t_min, 1] in K * B strata (one shared
@@ -451,7 +563,8 @@ def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *
     t = sample_times(k_u, bsz, cfg.t_min, True, offset=k * bsz,
                      num_strata=bsz * num_time_samples)
     loss, _ = diffusion_loss(apply_fn, params, tokens, keys[k], codec=codec,
-                             schedule=schedule, cfg=bound_cfg, train=False, t=t, num_masks=1)
+                             schedule=schedule, cfg=bound_cfg, train=False, t=t, num_masks=1,
+                             split=split)
     return carry + loss
 
   total = jax.lax.fori_loop(0, num_time_samples, one, jnp.zeros((bsz,), jnp.float32))

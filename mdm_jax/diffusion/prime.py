@@ -156,9 +156,16 @@ class PrimeCodec:
 
   # ------------------------------------------------------------ code space
   def code_logits(self, token_logits: jax.Array) -> jax.Array:
-    """[..., V] token logits -> [..., b**ell] code logits; invalid codes = NEG_INF."""
-    chex.assert_axis_dimension(token_logits, -1, self.vocab_size)
-    x = token_logits
+    """[..., V] token logits -> [..., b**ell] code logits; invalid codes = NEG_INF.
+
+    Logits of a padded output head ([..., V'] with V' > V) are accepted: only the first
+    V columns are read, so no padded column ever becomes a code.
+    """
+    width = token_logits.shape[-1]
+    if width < self.vocab_size:
+      raise ValueError(f"token logits have {width} columns; the codec needs V = "
+                       f"{self.vocab_size}.")
+    x = token_logits if width == self.vocab_size else token_logits[..., :self.vocab_size]
     if self.perm is not None:
       x = jnp.take(x, jnp.asarray(self.inv_perm), axis=-1)
     pad = self.num_codes - self.vocab_size

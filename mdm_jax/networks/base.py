@@ -21,11 +21,12 @@ from mdm_jax.core.registry import Registry
 MODELS: Registry[Callable] = Registry("model", "model.name")
 
 # config.model keys that may change when a run resumes: they change how the network is
-# computed (dropout, rematerialisation, attention kernel, compute dtype), not its
-# parameters or what they mean.  model.scan_layers is not one of them: it changes the
+# computed (dropout, rematerialisation, attention kernel, compute dtype, the loss's slices
+# of positions), not its parameters or what they mean.  model.scan_layers is not one of them: it changes the
 # parameter tree (one stacked ``blocks`` against ``block_0`` ... ``block_{n-1}``), so a
 # checkpoint restores only with the value it was trained with.
-RUNTIME_KEYS = ("model.dropout", "model.remat", "model.attention_impl", "model.dtype")
+RUNTIME_KEYS = ("model.dropout", "model.remat", "model.attention_impl", "model.dtype",
+                "model.loss_chunk")
 
 # Leaf names that are never weight-decayed: norm scales and biases (``*_bias`` too).
 NO_DECAY_NAMES = ("scale", "bias")

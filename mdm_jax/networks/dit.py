@@ -11,7 +11,9 @@
   is time-agnostic, the MDLM default), rotary positions, bidirectional (or
   causal, for AR) attention through ``jax.nn.dot_product_attention`` so XLA,
   cuDNN or TPU kernels can be chosen by config.
-* Output: a V-way head (untied, or tied to the embedding when ell = 1).
+* Output: a V-way head (untied, or tied to the embedding when ell = 1), optionally
+  padded to a multiple of ``vocab_multiple`` columns; ``features_only`` and ``dit_head``
+  split the network before the head, for losses computed a slice of positions at a time.
 
 Parameters are float32 (``param_dtype``), the matmuls run in ``dtype``
 (bfloat16 is safe), LayerNorm statistics, the output head (float32 accumulation and
@@ -73,6 +75,10 @@ class DiTConfig:
   norm_eps: float = 1e-6                 # LayerNorm epsilon (MDLM's networks use 1e-5)
   mlp_bias: bool = False                 # biases on the two MLP matmuls (MDLM's networks have them)
   head_bias: bool = False                # a bias on the output head (MDLM's networks have one)
+  vocab_multiple: int = 0                # > 1: the untied head (and its bias) is this many
+                                         # columns wide, rounded up (V = 50,257 -> 50,304 at
+                                         # 128), so it and its logits shard over a tensor axis;
+                                         # the extra columns are masked (``dit_head``)
 
   def __post_init__(self):
     if self.d_model < self.ell:
@@ -103,13 +109,28 @@ class DiTConfig:
     if self.tie_embeddings and (self.digit_merge != "concat" or self.per_slot_tables):
       raise ValueError("model.tie_embeddings needs the plain input table "
                        "(model.digit_merge='concat', model.per_slot_tables=False).")
+    if self.vocab_multiple < 0:
+      raise ValueError(f"model.vocab_multiple must be >= 0, got {self.vocab_multiple}.")
+    if self.vocab_multiple > 1 and self.tie_embeddings:
+      raise ValueError("model.vocab_multiple pads the untied head: set model.tie_embeddings=False "
+                       "or model.vocab_multiple=0.")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"model.attention_impl must be xla|cudnn, got {self.attention_impl!r}.")
 
 
+  @property
+  def head_width(self) -> int:
+    """Columns of the output head: V, or V rounded up to ``vocab_multiple``."""
+    m = self.vocab_multiple
+    return self.vocab_size if m <= 1 else -(-self.vocab_size // m) * m
+
+
 _MAX_JOINT_ROWS = 1 << 20
+# The logit of a padded head column: finite (no NaN where a row is all padding), and
+# exp(PAD_LOGIT - max) is exactly 0 in float32, so no softmax or logsumexp sees it.
+PAD_LOGIT = -1e9
 
 
 def _dense_init(names, scale=1.0):
@@ -404,8 +425,11 @@ class DiT(nn.Module):
   cfg: DiTConfig
 
   @nn.compact
-  def __call__(self, digits, t, train: bool = False, embed_noise=None):
+  def __call__(self, digits, t, train: bool = False, embed_noise=None,
+               features_only: bool = False):
     """digits [B, L, ell] -> float32 logits [B, L, V] (whatever the compute dtype).
+
+    ``features_only``: the final features [B, L, D] instead (the input of ``dit_head``).
 
     ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, d_model]: the token
     embeddings are perturbed by ``perturb_embeddings`` (Di[M]O, ``mdm_jax/distill.py``).
@@ -420,16 +444,51 @@ class DiT(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     x = dit_trunk(cfg, x, t, train)
+    if features_only:
+      return x
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      params = {"embed": {"table": embed.table}}
     else:
-      w = _kernel(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), zero=True,
-                  param_dtype=cfg.param_dtype)
-      logits = project(x, w.astype(cfg.dtype), out_dtype=jnp.float32)
+      params = {"head": _kernel(self, "head", (cfg.d_model, cfg.head_width), ("embed", "vocab"),
+                                zero=True, param_dtype=cfg.param_dtype)}
     if cfg.head_bias:
-      logits = logits + self.param("head_bias", _zeros(("vocab",)), (cfg.vocab_size,),
-                                   cfg.param_dtype).astype(jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+      params["head_bias"] = self.param("head_bias", _zeros(("vocab",)), (cfg.head_width,),
+                                       cfg.param_dtype)
+    return dit_head(cfg, params, x)
+
+  @nn.nowrap
+  def head_logits(self, params, x, padded: bool = True):
+    """``dit_head`` with this network's config: features ``x`` [..., D] -> float32 logits."""
+    return dit_head(self.cfg, params, x, padded)
+
+
+def dit_head(cfg: DiTConfig, params, x, padded: bool = False):
+  """The output head on final features ``x`` [..., D]: float32 logits.
+
+  ``params`` is the DiT's parameter tree (only ``head``, ``head_bias`` and, when tied,
+  ``embed/table`` are read), so a loss can apply the head to slices of the features
+  (``DiT(..., features_only=True)``) and never hold all of [B, L, V] at once.  The logits
+  are [..., V]; with ``padded`` and ``cfg.vocab_multiple`` they are [..., head_width] with
+  the padded columns at ``PAD_LOGIT``.
+  """
+  v = cfg.vocab_size
+  if cfg.tie_embeddings:
+    w = params["embed"]["table"][:v].astype(x.dtype).T
+  else:
+    # Unpadded logits come from the first V columns of the weight, not from slicing the
+    # [..., V'] product: no second copy of the logits.
+    w = params["head"] if padded else params["head"][:, :v]
+    w = w.astype(cfg.dtype)
+  logits = project(x, w, out_dtype=jnp.float32)
+  if cfg.head_bias:
+    b = params["head_bias"] if padded else params["head_bias"][:v]
+    logits = logits + b.astype(jnp.float32)
+  if logits.ndim == 3:
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+  if logits.shape[-1] > v:
+    column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    logits = jnp.where(column < v, logits, PAD_LOGIT)
+  return logits
 
 
 def dit_config(model_config, vocab_size: int, ell: int, base: int, causal: bool) -> DiTConfig:
@@ -444,7 +503,8 @@ def dit_config(model_config, vocab_size: int, ell: int, base: int, causal: bool)
       attention_impl=m.attention_impl, scan_layers=bool(m.scan_layers), remat=str(m.remat),
       gate_init=float(m.gate_init), local_conv=int(m.local_conv),
       digit_merge=str(m.digit_merge), per_slot_tables=bool(m.per_slot_tables),
-      norm_eps=float(m.norm_eps), mlp_bias=bool(m.mlp_bias), head_bias=bool(m.head_bias))
+      norm_eps=float(m.norm_eps), mlp_bias=bool(m.mlp_bias), head_bias=bool(m.head_bias),
+      vocab_multiple=int(m.get("vocab_multiple", 0)))
 
 
 @MODELS.register("dit")

@@ -58,7 +58,7 @@ SOURCES = ("mdlm", "mdm-prime")
 COMPATIBLE_MODEL = {
     "name": "dit", "norm_eps": 1e-5, "mlp_bias": True, "head_bias": True,
     "time_conditioning": False, "tie_embeddings": False, "digit_merge": "concat",
-    "per_slot_tables": False, "local_conv": 0, "gate_init": 0.0,
+    "per_slot_tables": False, "local_conv": 0, "gate_init": 0.0, "vocab_multiple": 0,
 }
 
 

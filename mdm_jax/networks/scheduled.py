@@ -24,6 +24,11 @@ class ScheduledModel(nn.Module):
       self.schedule(digits.shape[1])
     return self.net(digits, t, train=train, **kwargs)
 
+  @nn.nowrap
+  def head_logits(self, params, x, padded: bool = True):
+    """The backbone's output head on features (its parameters are at the top level)."""
+    return self.net.head_logits(params, x, padded)
+
 
 def attach_schedule(model: nn.Module, schedule) -> nn.Module:
   """The model whose params also hold ``schedule``'s parameters (itself when it has none)."""

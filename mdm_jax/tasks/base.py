@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.registry import Registry
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
@@ -103,13 +104,20 @@ class TokenTask(Task):
 
   def __init__(self, *, codec: prime_lib.PrimeCodec, model, seq_len: int,
                loss_cfg: elbo.DiffusionLossConfig, time_conditioning: bool = False,
-               num_time_samples: int = 1):
+               num_time_samples: int = 1, loss_chunk: int = 0):
     self.codec = codec
     self.model = model
     self.seq_len = int(seq_len)
     self.loss_cfg = loss_cfg
     self.time_conditioning = bool(time_conditioning)
     self.num_time_samples = int(num_time_samples)
+    self.loss_chunk = int(loss_chunk)
+    if self.loss_chunk < 0:
+      raise ConfigError(f"model.loss_chunk must be >= 0 (0 = off), got {self.loss_chunk}.")
+    if self.loss_chunk and not hasattr(getattr(model, "net", model), "head_logits"):
+      raise ConfigError(f"model.loss_chunk={self.loss_chunk} needs a backbone that exposes its "
+                        f"output head ({type(getattr(model, 'net', model)).__name__} does not); "
+                        "set model.loss_chunk=0.")
 
   @property
   def vocab_size(self) -> int:
@@ -122,6 +130,20 @@ class TokenTask(Task):
   def apply_fn(self, params, digits, t, *, train: bool = False, rng=None):
     rngs = {"dropout": rng} if (train and rng is not None) else {}
     return self.model.apply({"params": params}, digits, t, train=train, rngs=rngs)
+
+  def features_fn(self, params, digits, t, *, train: bool = False, rng=None):
+    """The backbone up to its output head: final features [B, L, D]."""
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    return self.model.apply({"params": params}, digits, t, train=train, rngs=rngs,
+                            features_only=True)
+
+  @property
+  def split(self) -> Optional[elbo.SplitNetwork]:
+    """The network cut before its head, ``model.loss_chunk`` positions per slice (None: off)."""
+    if not self.loss_chunk:
+      return None
+    return elbo.SplitNetwork(features=self.features_fn, head=self.model.head_logits,
+                             chunk=self.loss_chunk)
 
   def init_params(self, key, batch_size: int = 2):
     digits = jnp.zeros((batch_size, self.seq_len, self.codec.ell), jnp.int32)

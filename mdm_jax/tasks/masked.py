@@ -53,7 +53,8 @@ class MaskedDiffusionTask(TokenTask):
     return cls(codec=codec, model=attach_schedule(model, schedule), schedule=schedule,
                seq_len=int(config.data.seq_len), loss_cfg=loss_cfg,
                time_conditioning=bool(config.model.time_conditioning),
-               num_time_samples=int(config.eval.num_time_samples))
+               num_time_samples=int(config.eval.num_time_samples),
+               loss_chunk=int(config.model.get("loss_chunk", 0)))
 
   @classmethod
   def validate(cls, config) -> None:
@@ -68,12 +69,12 @@ class MaskedDiffusionTask(TokenTask):
     del fields
     return elbo.diffusion_loss(self.apply_fn, params, tokens, key, codec=self.codec,
                                schedule=self.schedule, cfg=self.loss_cfg, train=train, t=t,
-                               row_ids=row_ids)
+                               row_ids=row_ids, split=self.split)
 
   def bound(self, params, tokens, key, num_time_samples: int):
     return elbo.diffusion_bound(self.apply_fn, params, tokens, key, codec=self.codec,
                                 schedule=self.schedule, cfg=self.loss_cfg,
-                                num_time_samples=num_time_samples)
+                                num_time_samples=num_time_samples, split=self.split)
 
   def sampler_kwargs(self, sampler, config, num_samples, seq_len, num_steps):
     if sampler == "ar":
