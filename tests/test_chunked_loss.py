@@ -25,6 +25,8 @@ def _config(ell, overrides):
        else shakespeare_prime.get_config(f"ell={ell},tiny"))
   c.model.dtype = "float32"
   c.model.dropout = 0.0
+  c.model.num_layers = 1            # the head and the loss are what is tested: keep it small
+  c.data.seq_len = 32
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -64,15 +66,11 @@ def _close(a, b, rtol=2e-5, scale_atol=2e-6):
 
 
 CASES = {
-    "mdm": (1, {}),
     "mdm_padded": (1, {"model.vocab_multiple": 16}),
     "prime2_marginal": (2, {"schedule.name": "linear"}),
     "prime2_marginal_no_carry": (2, {"schedule.name": "linear", "prime.carry_over": False,
                                      "model.vocab_multiple": 16}),
     "prime2_joint": (2, {"schedule.name": "linear", "prime.loss": "joint"}),
-    "prime2_joint_no_carry_padded": (2, {"schedule.name": "linear", "prime.loss": "joint",
-                                         "prime.carry_over": False,
-                                         "model.vocab_multiple": 16}),
     "prime2_flat": (2, {"schedule.name": "linear", "training.loss_weighting": "flat"}),
     "prime2_slot_weights": (2, {"schedule.name": "slot_poly"}),
     "prime2_genmd4": (2, {"schedule.name": "genmd4", "sampling.sampler": "ancestral",
@@ -89,7 +87,7 @@ def test_chunked_loss_and_gradient_equal_the_full_logits(case):
   full = build_task(_config(ell, overrides), VOCAB)
   chunked = build_task(_config(ell, {**overrides, "model.loss_chunk": 24}), VOCAB)
   assert full.split is None and chunked.split.chunk == 24
-  assert elbo.chunk_length(full.seq_len, 24) == 16          # 64 positions: 4 slices of 16
+  assert elbo.chunk_length(full.seq_len, 24) == 16          # 32 positions: 2 slices of 16
   params = _params(full)
   tokens = jax.random.randint(jax.random.key(2), (4, full.seq_len), 0, VOCAB)
   key = jax.random.key(3)
