@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.networks.attention import ATTENTION_IMPLS, attention, remat_policy
 from mdm_jax.networks.base import MODELS, dtype_from_name
 from mdm_jax.networks.embed_noise import perturb_embeddings
 
@@ -52,9 +53,9 @@ class DiTConfig:
   causal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None   # None/"xla" | "cudnn"
+  attention_impl: Optional[str] = None   # None/"xla" | "cudnn" | "splash" (networks/attention.py)
   scan_layers: bool = True
-  remat: str = "none"                    # none | full | dots
+  remat: str = "none"                    # a REMAT_POLICIES name (networks/attention.py)
   gate_init: float = 0.0                 # 0: adaLN-Zero (blocks start as identity)
   rotary: bool = True                    # False: no rotary (positions come from an absolute
                                          # embedding added by the front end, as in image DiTs)
@@ -103,10 +104,10 @@ class DiTConfig:
     if self.tie_embeddings and (self.digit_merge != "concat" or self.per_slot_tables):
       raise ValueError("model.tie_embeddings needs the plain input table "
                        "(model.digit_merge='concat', model.per_slot_tables=False).")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"model.attention_impl must be xla|cudnn, got {self.attention_impl!r}.")
+    remat_policy(self.remat)                       # raises on an unknown name
+    if self.attention_impl not in (None,) + ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be {'|'.join(ATTENTION_IMPLS)}, got "
+                       f"{self.attention_impl!r}.")
 
 
 _MAX_JOINT_ROWS = 1 << 20
@@ -256,8 +257,7 @@ class DiTBlock(nn.Module):
     if cfg.rotary:
       pos = jnp.arange(x.shape[1])
       q, k = rotary(q, pos), rotary(k, pos)
-    impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
-    att = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=impl)
+    att = attention(q, k, v, causal=cfg.causal, impl=cfg.attention_impl)
     att = nn.with_logical_constraint(att, ("batch", "length", "heads", "kv"))
     o = project(att, w_out.astype(cd), n_in=2)             # [B, L, D]
     o = nn.Dropout(cfg.dropout)(o, deterministic=self.deterministic)
@@ -357,9 +357,8 @@ def dit_blocks(cfg: DiTConfig, x, c, train: bool, num_layers: Optional[int] = No
   """
   n = cfg.num_layers if num_layers is None else int(num_layers)
   block = DiTBlock
-  if cfg.remat != "none":
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if cfg.remat == "dots" else None)
+  wrap, policy = remat_policy(cfg.remat)
+  if wrap:
     block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
   if n == 0:
     return x
