@@ -462,7 +462,8 @@ def analyse(config, topology: str, *, num_slices: int = 1, per_chip_batch: int =
   return {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
           "libtpu": _libtpu_version(), **info, "vocab_size": vocab,
           "model": {k: config.model[k] for k in ("name", "num_layers", "d_model", "num_heads",
-                                                  "dtype", "scan_layers", "remat")
+                                                  "dtype", "scan_layers", "remat",
+                                                  "attention_impl")
                     if k in config.model},
           "objective": str(config.objective), "ell": int(config.prime.ell),
           "seq_len": int(config.data.seq_len),
