@@ -33,6 +33,9 @@ data and the launch on a CPU in a minute).  Any key can be overridden with
 Hardware: a v5p-32 / v4-32 pod slice or 8-16 H100s.  1 M steps (512 x 1024 x
 1 M = 524 B tokens) is a multi-day run; the eval bound is reported every 10k
 steps and checkpoints are written every 5k (re-running the command resumes).
+On TPUs, ``--config.model.attention_impl=splash --config.model.remat=dots_attention``
+runs the Pallas splash kernel (no [L, L] scores in memory; BENCHMARKS.md); on GPUs,
+``--config.model.attention_impl=cudnn``.
 """
 
 from mdm_jax.configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)

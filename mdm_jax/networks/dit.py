@@ -9,8 +9,9 @@
 * Backbone: pre-LN blocks with adaLN-Zero modulation from a conditioning
   vector (a sinusoidal time embedding, or a learned constant when the network
   is time-agnostic, the MDLM default), rotary positions, bidirectional (or
-  causal, for AR) attention through ``jax.nn.dot_product_attention`` so XLA,
-  cuDNN or TPU kernels can be chosen by config.
+  causal, for AR) attention chosen by config (``networks/attention.py``: XLA, cuDNN
+  or the Pallas splash kernel on TPU), each block optionally rematerialised by a named
+  policy (``model.remat``).
 * Output: a V-way head (untied, or tied to the embedding when ell = 1).
 
 Parameters are float32 (``param_dtype``), the matmuls run in ``dtype``
