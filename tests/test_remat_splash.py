@@ -88,7 +88,7 @@ def test_policies_keep_less_than_no_remat_in_a_scan():
 def test_unknown_policy_and_attention_are_config_errors():
   with pytest.raises(ValueError, match="model.remat must be one of none"):
     DiTConfig(vocab_size=8, remat="dotz")
-  with pytest.raises(ValueError, match="xla|cudnn|splash"):
+  with pytest.raises(ValueError, match=r"must be xla\|cudnn\|splash"):
     DiTConfig(vocab_size=8, attention_impl="flash")
   from mdm_jax.configs.shakespeare_mdm import get_config  # pylint: disable=import-outside-toplevel
   c = get_config("tiny")
