@@ -101,9 +101,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.head_bias = False           # output-head bias (converted MDLM / MDM-Prime models: True)
   c.model.dtype = "float32"           # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"
-  c.model.attention_impl = "xla"      # xla | cudnn (passed to jax.nn.dot_product_attention)
+  c.model.attention_impl = "xla"      # xla | cudnn (GPU) | splash (TPU Pallas kernel; length a
+                                      # multiple of 128; other backends fall back to xla)
   c.model.scan_layers = True
-  c.model.remat = "none"              # none | full | dots
+  c.model.remat = "none"              # what a block keeps for the backward pass: none (all) |
+                                      # matmuls (matmul outputs) | dots (the 4 projections) |
+                                      # dots_attention (projections + attention output) |
+                                      # attention (attention output) | full (block input)
   # Residual gate offset: 0.0 is adaLN-Zero (MDLM/DiT; blocks start as the identity);
   # 1.0 starts them as ordinary pre-LN blocks, which learns faster on tiny budgets.
   c.model.gate_init = 0.0

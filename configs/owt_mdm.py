@@ -33,6 +33,9 @@ data and the launch on a CPU in a minute).  Any key can be overridden with
 Hardware: a v5p-32 / v4-32 pod slice or 8-16 H100s.  1 M steps (512 x 1024 x
 1 M = 524 B tokens) is a multi-day run; the eval bound is reported every 10k
 steps and checkpoints are written every 5k (re-running the command resumes).
+On TPUs, ``--config.model.attention_impl=splash --config.model.remat=dots_attention``
+runs the Pallas splash kernel (no [L, L] scores in memory; BENCHMARKS.md); on GPUs,
+``--config.model.attention_impl=cudnn``.
 """
 
 from mdm_jax.configs.base import get_base_config, parse_arg  # noqa: F401 (re-exported)
@@ -54,7 +57,11 @@ def set_dit_small(c):
   c.model.dtype = "bfloat16"          # compute; parameters, optimizer, EMA and losses stay f32
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
-  c.model.remat = "none"              # "dots" or "full" if activations do not fit
+  # Scanned blocks keep every matmul output and recompute the elementwise work: no extra
+  # FLOPs, and the memory of unrolled layers (owt_mdm on v5p, 8 sequences per chip: 10.9
+  # GiB of temporaries against 18.8 with remat "none"; BENCHMARKS.md).  Where activations
+  # still do not fit: "dots_attention" (5.6 GiB, 1.03x the FLOPs) or "full" (2.8, 1.25x).
+  c.model.remat = "matmuls"
   c.model.loss_chunk = 128            # head + loss 128 positions at a time: no [B, L, V] logits
   c.model.vocab_multiple = 128        # 50,257 -> 50,304 head columns (x the tensor-axis size
                                       # to shard the head over it)

@@ -382,7 +382,8 @@ def build_programs(config, vocab: int, mesh, global_batch: int,
   task = build_task(c, vocab)
   rules = shd.logical_rules(c.mesh)
   tx, _ = make_optimizer(c.training)
-  abstract, shardings = state_shardings(task, tx, mesh, rules)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # traced for the slice
+    abstract, shardings = state_shardings(task, tx, mesh, rules)
   sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
   state = jax.tree.map(sds, abstract, shardings)
   length = int(c.data.seq_len)
@@ -424,6 +425,9 @@ def loop_corrections(config, vocab: int, global_batch: int, names: Sequence[str]
   import jax  # pylint: disable=import-outside-toplevel
   c = config.copy_and_resolve_references()
   c.mesh.shape = (1, 1, 1)
+  splash = c.model.get("attention_impl") == "splash"
+  if splash:          # a TPU kernel: on the CPU its FLOPs are those of the XLA attention
+    c.model.attention_impl = "xla"
   mesh = shd.make_mesh(c.mesh, jax.devices("cpu")[:1])
   u = c.copy_and_resolve_references()
   u.model.scan_layers = False
@@ -445,6 +449,9 @@ def loop_corrections(config, vocab: int, global_batch: int, names: Sequence[str]
       method = ("added the loop iterations XLA counts once: XLA's count of the step lowered "
                 "with unrolled layers (and loss slices), one microbatch, less that of the "
                 "step as configured (both on the CPU), per device")
+      if splash:
+        method += ("; splash attention counted as the XLA attention (XLA does not count "
+                   "the kernel's FLOPs, so the one loop iteration it counts lacks them)")
       if n == "eval" and passes > 1:
         f1 *= passes
         method += f"; the eval bound's {passes} time samples as {passes} x one unrolled pass"
@@ -497,7 +504,8 @@ def analyse(config, topology: str, *, num_slices: int = 1, per_chip_batch: int =
   return {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
           "libtpu": _libtpu_version(), **info, "vocab_size": vocab,
           "model": {k: config.model[k] for k in ("name", "num_layers", "d_model", "num_heads",
-                                                  "dtype", "scan_layers", "remat")
+                                                  "dtype", "scan_layers", "remat",
+                                                  "attention_impl")
                     if k in config.model},
           "objective": str(config.objective), "ell": int(config.prime.ell),
           "seq_len": int(config.data.seq_len),

@@ -25,6 +25,7 @@ steps.  The cost is that the process keeps its peak heap size until it exits.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -79,6 +80,10 @@ def reexec_with_tuned_malloc(python_args: Sequence[str]) -> None:
   os.execve(sys.executable, [sys.executable, *python_args], env)
 
 
+def _no_tpu_chip():
+  raise RuntimeError("no TPU chip on this host")
+
+
 def skip_absent_tpu(environ: Optional[Mapping[str, str]] = None) -> bool:
   """Keeps JAX from starting libtpu's runtime on a host without a TPU chip.
 
@@ -109,7 +114,10 @@ def skip_absent_tpu(environ: Optional[Mapping[str, str]] = None) -> bool:
       return False
     factories = getattr(xla_bridge, "_backend_factories", None)
     if isinstance(factories, dict) and "tpu" in factories:
-      del factories["tpu"]
+      # The platform stays known (Pallas registers its TPU lowerings under that name, for
+      # compile-only devices), but starting it fails quietly, before libtpu is loaded.
+      factories["tpu"] = dataclasses.replace(factories["tpu"], factory=_no_tpu_chip,
+                                             fail_quietly=True)
       return True
   except Exception:  # pylint: disable=broad-except  (a JAX without these internals: no change)
     pass

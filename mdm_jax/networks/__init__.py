@@ -5,6 +5,7 @@
 ``image_dit.py``   ``image_dit``: a DiT over patches of pixel tokens
 ``mc_dit.py``      ``mc_dit``: the Gaussian-diffusion patch DiT (dit / mdt / mcdit arms)
 ``scheduled.py``   a backbone plus a learned schedule's parameters
+``attention.py``   attention kernels (xla / cudnn / splash) and rematerialisation policies
 =================  ==========================================================
 
 A new backbone is one file with a factory registered by ``@MODELS.register(name)``.

@@ -9,8 +9,9 @@
 * Backbone: pre-LN blocks with adaLN-Zero modulation from a conditioning
   vector (a sinusoidal time embedding, or a learned constant when the network
   is time-agnostic, the MDLM default), rotary positions, bidirectional (or
-  causal, for AR) attention through ``jax.nn.dot_product_attention`` so XLA,
-  cuDNN or TPU kernels can be chosen by config.
+  causal, for AR) attention chosen by config (``networks/attention.py``: XLA, cuDNN
+  or the Pallas splash kernel on TPU), each block optionally rematerialised by a named
+  policy (``model.remat``).
 * Output: a V-way head (untied, or tied to the embedding when ell = 1), optionally
   padded to a multiple of ``vocab_multiple`` columns; ``features_only`` and ``dit_head``
   split the network before the head, for losses computed a slice of positions at a time.
@@ -34,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.networks.attention import ATTENTION_IMPLS, attention, remat_policy
 from mdm_jax.networks.base import MODELS, dtype_from_name
 from mdm_jax.networks.embed_noise import perturb_embeddings
 
@@ -54,9 +56,9 @@ class DiTConfig:
   causal: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None   # None/"xla" | "cudnn"
+  attention_impl: Optional[str] = None   # None/"xla" | "cudnn" | "splash" (networks/attention.py)
   scan_layers: bool = True
-  remat: str = "none"                    # none | full | dots
+  remat: str = "none"                    # a REMAT_POLICIES name (networks/attention.py)
   gate_init: float = 0.0                 # 0: adaLN-Zero (blocks start as identity)
   rotary: bool = True                    # False: no rotary (positions come from an absolute
                                          # embedding added by the front end, as in image DiTs)
@@ -114,11 +116,10 @@ class DiTConfig:
     if self.vocab_multiple > 1 and self.tie_embeddings:
       raise ValueError("model.vocab_multiple pads the untied head: set model.tie_embeddings=False "
                        "or model.vocab_multiple=0.")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"model.remat must be none|full|dots, got {self.remat!r}.")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"model.attention_impl must be xla|cudnn, got {self.attention_impl!r}.")
-
+    remat_policy(self.remat)                       # raises on an unknown name
+    if self.attention_impl not in (None,) + ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be {'|'.join(ATTENTION_IMPLS)}, got "
+                       f"{self.attention_impl!r}.")
 
   @property
   def head_width(self) -> int:
@@ -277,8 +278,7 @@ class DiTBlock(nn.Module):
     if cfg.rotary:
       pos = jnp.arange(x.shape[1])
       q, k = rotary(q, pos), rotary(k, pos)
-    impl = None if cfg.attention_impl in (None, "xla") else cfg.attention_impl
-    att = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=impl)
+    att = attention(q, k, v, causal=cfg.causal, impl=cfg.attention_impl)
     att = nn.with_logical_constraint(att, ("batch", "length", "heads", "kv"))
     o = project(att, w_out.astype(cd), n_in=2)             # [B, L, D]
     o = nn.Dropout(cfg.dropout)(o, deterministic=self.deterministic)
@@ -378,9 +378,8 @@ def dit_blocks(cfg: DiTConfig, x, c, train: bool, num_layers: Optional[int] = No
   """
   n = cfg.num_layers if num_layers is None else int(num_layers)
   block = DiTBlock
-  if cfg.remat != "none":
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if cfg.remat == "dots" else None)
+  wrap, policy = remat_policy(cfg.remat)
+  if wrap:
     block = nn.remat(DiTBlock, policy=policy, prevent_cse=not cfg.scan_layers)
   if n == 0:
     return x

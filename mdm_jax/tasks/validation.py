@@ -18,14 +18,15 @@ from mdm_jax.data import DATASETS, TOKENIZERS
 from mdm_jax.data.token_order import TOKEN_ORDERS
 from mdm_jax.diffusion.schedules import SCHEDULES
 from mdm_jax.networks import MODELS
+from mdm_jax.networks.attention import ATTENTION_IMPLS, REMAT_POLICIES
 from mdm_jax.sampling import SAMPLERS
 from mdm_jax.tasks.base import TASKS
 
 _CHOICES = {
     "prime.loss": ("marginal", "joint"),
     "training.lr_schedule": ("constant", "cosine"),
-    "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("xla", "cudnn"),
+    "model.remat": tuple(REMAT_POLICIES),
+    "model.attention_impl": ATTENTION_IMPLS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "training.loss_weighting": ("elbo", "flat"),
