@@ -104,9 +104,20 @@ def test_process_batch_slice(shape, order, expected):
   assert [shd.process_batch_slice(mesh, p) for p in (0, 1)] == expected
 
 
-def test_process_batch_slice_refuses_scattered_rows():
-  with pytest.raises(ValueError, match="contiguous block"):
-    shd.process_batch_slice(_fake_mesh((1, 4, 1), (0, 2, 1, 3)), 0)
+def test_process_batch_slice_with_scattered_rows_and_refusals():
+  # A pod mesh in ICI order: each host's rows are not one block; each loads one slice.
+  assert [shd.process_batch_slice(_fake_mesh((1, 4, 1), (0, 2, 1, 3)), p)
+          for p in (0, 1)] == [(0, 2), (1, 2)]
+  import types  # pylint: disable=import-outside-toplevel
+  def mesh_of(owners, shape):
+    grid = np.empty(len(owners), dtype=object)
+    grid[:] = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(owners)]
+    return types.SimpleNamespace(shape=dict(zip(("data", "fsdp", "tensor"), shape)),
+                                 devices=grid.reshape(shape))
+  with pytest.raises(ValueError, match="different sizes"):       # 3 rows against 1
+    shd.process_batch_slice(mesh_of([0, 0, 0, 1], (1, 4, 1)), 0)
+  with pytest.raises(ValueError, match="overlapping"):           # rows {0, 1} and {1}
+    shd.process_batch_slice(mesh_of([0, 0, 0, 1, 1, 1], (1, 3, 2)), 0)
 
 
 def test_device_order_builds_the_mesh_in_that_order():

@@ -13,7 +13,7 @@ only the mesh shape changes.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -150,32 +150,34 @@ def process_batch_slice(mesh: Mesh, process_index: Optional[int] = None) -> Tupl
   each global batch.
 
   The batch is sharded over (data, fsdp).  With the usual host-major device order each
-  process holds its own block of rows, so this is ``(process_index, process_count)``.
-  When an axis that replicates the batch (tensor) crosses hosts, several processes hold
-  the same rows and must load the same slice: e.g. with tensor parallelism over every
-  host, each process loads the whole batch ``(0, 1)``.
+  process holds its own block of rows, so this is ``(process_index, process_count)`` and a
+  multi-process run matches a 1-process run row for row.  When an axis that replicates the
+  batch (tensor) crosses hosts, several processes hold the same rows and load the same
+  slice: with tensor parallelism over every host, each process loads the whole batch
+  ``(0, 1)``.  A process whose rows are not one block (a pod mesh in ICI order) loads one
+  slice all the same; ``jax.make_array_from_process_local_data`` places its rows at its
+  devices' positions, so the batch is the same rows in another order.
 
   Raises:
-    ValueError: the mesh gives a process rows that are not one contiguous block of the
-      same size as every other process's (reorder ``mesh.device_order``).
+    ValueError: the processes hold row sets of different sizes, or sets that overlap
+      without being equal (no division of the loading fits them).
   """
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   grid = np.asarray(mesh.devices).reshape(shards, -1)      # batch shard x tensor
-  me = jax.process_index() if process_index is None else int(process_index)
-  mine = sorted({int(i) for i, row in enumerate(grid) for d in row if d.process_index == me})
-  blocks = set()
-  for p in {d.process_index for d in grid.flat}:
-    rows = sorted({int(i) for i, row in enumerate(grid) for d in row if d.process_index == p})
-    blocks.add((rows[0], len(rows), rows == list(range(rows[0], rows[0] + len(rows)))))
-  sizes = {n for _, n, _ in blocks}
-  starts = sorted({s for s, _, _ in blocks})
-  if (len(sizes) != 1 or not all(ok for _, _, ok in blocks)
-      or any(b - a != next(iter(sizes)) for a, b in zip(starts, starts[1:]))):
+  rows: Dict[int, set] = {}
+  for i, row in enumerate(grid):
+    for d in row:
+      rows.setdefault(d.process_index, set()).add(i)
+  groups = sorted({tuple(sorted(r)) for r in rows.values()})
+  sizes = {len(g) for g in groups}
+  seen = [i for g in groups for i in g]
+  if len(sizes) != 1 or len(seen) != len(set(seen)):
     raise ValueError(
-        f"mesh {dict(mesh.shape)}: each process must hold one contiguous block of batch rows "
-        "of the same size as every other process's; change mesh.device_order or mesh.shape.")
-  size = len(mine)
-  return mine[0] // size, shards // size
+        f"mesh {dict(mesh.shape)}: the processes hold batch rows in sets of different sizes "
+        "or overlapping sets; every process must hold as many rows as every other, and two "
+        "processes the same rows or none in common. Change mesh.device_order or mesh.shape.")
+  me = jax.process_index() if process_index is None else int(process_index)
+  return groups.index(tuple(sorted(rows[me]))), len(groups)
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
