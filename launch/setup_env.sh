@@ -34,4 +34,5 @@ if [ ! -f "$FMNIST/t10k-labels-idx1-ubyte.gz" ] && [ ! -f /usr/share/datasets/fa
     && echo "Fashion-MNIST extracted to $FMNIST" \
     || echo "warning: could not fetch Debian's dataset-fashion-mnist (image tests that need it are skipped)"
 fi
-.venv/bin/python -c "import jax, flax; print(f'mdm_jax environment ready: jax {jax.__version__}, flax {flax.__version__}, devices {jax.devices()}')"
+# (host_env.skip_absent_tpu: a host without a TPU chip does not probe the libtpu just installed.)
+.venv/bin/python -c "from mdm_jax.core import host_env; host_env.skip_absent_tpu(); import jax, flax; print(f'mdm_jax environment ready: jax {jax.__version__}, flax {flax.__version__}, devices {jax.devices()}')"
