@@ -88,7 +88,8 @@ def _set(config, dotted: str, value: str) -> None:
 
 
 def _row(record: Dict[str, Any]) -> List[str]:
-  head = [record["config"], record["topology"], str(record.get("chips", "-")),
+  settings = ", ".join(record.get("overrides") or ()) or "as shipped"
+  head = [record["config"], settings, record["topology"], str(record.get("chips", "-")),
           str(record["per_chip_batch"])]
   if "error" in record:
     return head + [f"not built: {record['error']}", "-", "-", "-", "-", "-"]
@@ -115,9 +116,9 @@ def render(records: Sequence[Dict[str, Any]]) -> str:
       "Compiled for TPU, not run: per chip, " + "; ".join(
           f"jax {j}, libtpu {l}" for j, l in versions) + ". Bound and MFU ceiling are "
       "roofline estimates from the chip's published peaks, not measurements.", "",
-      "| config | slice | chips | seq/chip | HBM GiB (need of capacity) | fits | "
+      "| config | settings | slice | chips | seq/chip | HBM GiB (need of capacity) | fits | "
       "step bound ms | MFU <= | tokens/s/chip <= | compile s |",
-      "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+      "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
   lines += ["| " + " | ".join(_row(r)) + " |" for r in records]
   return "\n".join(lines) + "\n"
 
