@@ -27,12 +27,7 @@ def _config(ell, overrides):
   c.model.dropout = 0.0
   c.model.num_layers = 1            # the head and the loss are what is tested: keep it small
   c.data.seq_len = 32
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -81,15 +81,19 @@ def test_bad_mesh_errors():
     shd.make_mesh(c.mesh)
 
 
-def _fake_mesh(shape, order, devices_per_process=2):
-  """A stand-in with what process_batch_slice reads: the axis sizes and devices in order."""
+def _mesh_of(owners, shape):
+  """A stand-in with what process_batch_slice reads: the axis sizes and, in mesh order,
+  devices owned by the processes ``owners``."""
   import types  # pylint: disable=import-outside-toplevel
-  devs = [types.SimpleNamespace(id=i, process_index=i // devices_per_process)
-          for i in range(len(order))]
-  grid = np.empty(len(order), dtype=object)
-  grid[:] = [devs[i] for i in order]
+  grid = np.empty(len(owners), dtype=object)
+  grid[:] = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(owners)]
   return types.SimpleNamespace(shape=dict(zip(("data", "fsdp", "tensor"), shape)),
                                devices=grid.reshape(shape))
+
+
+def _fake_mesh(shape, order, devices_per_process=2):
+  """Devices 0..n-1 (``devices_per_process`` per process) laid out in ``order``."""
+  return _mesh_of([i // devices_per_process for i in order], shape)
 
 
 @pytest.mark.parametrize("shape,order,expected", [
@@ -108,16 +112,10 @@ def test_process_batch_slice_with_scattered_rows_and_refusals():
   # A pod mesh in ICI order: each host's rows are not one block; each loads one slice.
   assert [shd.process_batch_slice(_fake_mesh((1, 4, 1), (0, 2, 1, 3)), p)
           for p in (0, 1)] == [(0, 2), (1, 2)]
-  import types  # pylint: disable=import-outside-toplevel
-  def mesh_of(owners, shape):
-    grid = np.empty(len(owners), dtype=object)
-    grid[:] = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(owners)]
-    return types.SimpleNamespace(shape=dict(zip(("data", "fsdp", "tensor"), shape)),
-                                 devices=grid.reshape(shape))
   with pytest.raises(ValueError, match="different sizes"):       # 3 rows against 1
-    shd.process_batch_slice(mesh_of([0, 0, 0, 1], (1, 4, 1)), 0)
+    shd.process_batch_slice(_mesh_of([0, 0, 0, 1], (1, 4, 1)), 0)
   with pytest.raises(ValueError, match="overlapping"):           # rows {0, 1} and {1}
-    shd.process_batch_slice(mesh_of([0, 0, 0, 1, 1, 1], (1, 3, 2)), 0)
+    shd.process_batch_slice(_mesh_of([0, 0, 0, 1, 1, 1], (1, 3, 2)), 0)
 
 
 def test_device_order_builds_the_mesh_in_that_order():

@@ -459,6 +459,17 @@ def loop_corrections(config, vocab: int, global_batch: int, names: Sequence[str]
   return out
 
 
+def _per_unit_batch(config, per_chip_batch: int, units: int, what: str) -> int:
+  """``per_chip_batch``, or (when it is 0) the config's global batch over ``units``."""
+  if per_chip_batch > 0:
+    return per_chip_batch
+  bsz = int(config.training.batch_size)
+  if bsz % units:
+    raise ReportError(f"training.batch_size={bsz} does not divide over {units} {what}; give "
+                      "--per_chip_batch.")
+  return bsz // units
+
+
 def analyse(config, topology: str, *, num_slices: int = 1, per_chip_batch: int = 0,
             vocab: int = 50257, programs: Sequence[str] = PROGRAMS,
             correct_loops: bool = True) -> Dict[str, Any]:
@@ -472,12 +483,7 @@ def analyse(config, topology: str, *, num_slices: int = 1, per_chip_batch: int =
   chip = CHIPS[info["family"]]
   dpc = info["devices_per_chip"]
   chips = info["chips"]
-  if per_chip_batch <= 0:
-    bsz = int(config.training.batch_size)
-    if bsz % chips:
-      raise ReportError(f"training.batch_size={bsz} does not divide over {chips} chips; give "
-                        "--per_chip_batch.")
-    per_chip_batch = bsz // chips
+  per_chip_batch = _per_unit_batch(config, per_chip_batch, chips, "chips")
   global_batch = per_chip_batch * chips
   built = build_programs(config, vocab, mesh, global_batch, programs)
   fixes = (loop_corrections(config, vocab, global_batch, programs, len(devices))
@@ -571,12 +577,7 @@ def run_attached(config, *, per_chip_batch: int = 0, vocab: int = 50257,
   devices = jax.devices()
   n = len(devices)
   platform, kind = str(devices[0].platform), str(devices[0].device_kind)
-  if per_chip_batch <= 0:
-    bsz = int(config.training.batch_size)
-    if bsz % n:
-      raise ReportError(f"training.batch_size={bsz} does not divide over {n} devices; give "
-                        "--per_chip_batch.")
-    per_chip_batch = bsz // n
+  per_chip_batch = _per_unit_batch(config, per_chip_batch, n, "devices")
   global_batch = per_chip_batch * n
   c = _prepared(config, global_batch)
   try:

@@ -77,14 +77,11 @@ def cell(config_name: str, topology: str, per_chip_batch: int, programs: Sequenc
 def _set(config, dotted: str, value: str) -> None:
   """``--override=model.remat=full``: sets a config key from its string form."""
   import ast  # pylint: disable=import-outside-toplevel
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
   try:
-    node[leaf] = ast.literal_eval(value)
+    parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
-    node[leaf] = value
+    parsed = value
+  config.update_from_flattened_dict({dotted: parsed})
 
 
 def _row(record: Dict[str, Any]) -> List[str]:
