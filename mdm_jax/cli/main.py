@@ -56,6 +56,10 @@ _TEACHER = flags.DEFINE_string("teacher_workdir", None, "distill: the trained di
                                "distil (its config must be --config); output goes to --workdir.")
 _TEXTS = flags.DEFINE_list("texts", [], "score: samples files to score (samples/step_N.json or "
                           ".txt, or any text file), comma-separated.")
+_SCORER = flags.DEFINE_string(
+    "scorer", "", "score: gpt2:FOLDER scores with the GPT-2 in a local Hugging Face folder "
+    "(e.g. a copy of gpt2-large; the peers' protocol, docs/evaluation.md) instead of the AR "
+    "run in --workdir.")
 # ---- prepare mode (see docs/data.md); the tokenizer, seq_len and eval_fraction come from --config.
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: the dataset directory to write.")
 _SOURCE = flags.DEFINE_string(
@@ -108,11 +112,15 @@ def run_score(config, workdir: str, paths) -> dict:
   if not paths:
     raise app.UsageError("--mode=score needs --texts=FILE[,FILE...] (e.g. "
                          "runs/prime/samples/step_1600.json).")
-  if config.objective != "ar":
+  if _SCORER.value:
+    scorer = inference.load_scorer(_SCORER.value)
+  elif config.objective != "ar":
     raise ConfigError(f"--mode=score scores with the AR run in --workdir; --config has "
                       f"objective={config.objective!r}. Pass the AR run's config, e.g. "
-                      "--config=shakespeare_ar (configs/shakespeare_ar.py).")
-  scorer = inference.load_scorer(workdir, config)   # checks --config against the checkpoint
+                      "--config=shakespeare_ar (configs/shakespeare_ar.py), or pass "
+                      "--scorer=gpt2:FOLDER.")
+  else:
+    scorer = inference.load_scorer(workdir, config)   # checks --config against the checkpoint
   try:
     results = gen_ppl.score_files(scorer, paths)
   except gen_ppl.ScoreError as e:
