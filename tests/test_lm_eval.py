@@ -268,17 +268,18 @@ def test_ar_run_gives_its_exact_nll():
   for w in range(4):
     part = ids[8 * w:8 * w + 8]
     rows[w, :len(part)] = part
-  nll = np.asarray(task.token_nll(params, jnp.asarray(rows)), np.float64)
-  own = np.asarray(task.bound(params, jnp.asarray(rows[:3]), jax.random.key(0), 1))
+  nll = np.asarray(jax.jit(task.token_nll)(params, jnp.asarray(rows)), np.float64)
+  own = np.asarray(jax.jit(lambda p, x: task.bound(p, x, jax.random.key(0), 1))(
+      params, jnp.asarray(rows[:3])))
   expect = nll[:3].sum() + nll[3, :3].sum()
   np.testing.assert_allclose(nll[:3].sum(axis=1), own, rtol=1e-5)   # the task's own loss
   (rolled,) = ev.loglikelihood_rolling([doc])
   np.testing.assert_allclose(-rolled, expect, rtol=1e-5)
   out = ev.loglikelihood([("to be", " or")])
   np.testing.assert_allclose(-out[0][0], nll[0, 5:8].sum(), rtol=1e-5)
-  greedy = np.argmax(np.asarray(task.apply_fn(params, jnp.concatenate(
-      [jnp.full((1, 1), task.bos_id), jnp.asarray(rows[:1, :-1])], 1)[..., None],
-      jnp.zeros(1)))[0, 5:8, :256], -1)
+  inputs = np.concatenate([[[task.bos_id]], rows[:1, :-1]], 1)[..., None]
+  logits = jax.jit(task.apply_fn)(params, jnp.asarray(inputs), jnp.zeros(1))
+  greedy = np.argmax(np.asarray(logits)[0, 5:8, :256], -1)
   assert out[0][1] == bool(np.all(greedy == rows[0, 5:8]))
   gen = ev.generate_until([("to be", {"until": ["\n"], "max_gen_toks": 2})])
   assert len(tok.encode(gen[0])) <= 2
