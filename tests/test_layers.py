@@ -2,7 +2,7 @@
 
 The contract lives in pyproject.toml ([tool.importlinter]) and reads
 
-  entry points (mdm_jax.main, python -m mdm_jax)
+  entry points (mdm_jax.main, python -m mdm_jax, mdm_jax.lm_eval)
   > cli | benchmarks > trainers > tasks > data | networks | sampling
   > diffusion | metrics | pictures > core  (> configs, plain ml_collections files)
 
@@ -33,7 +33,7 @@ LAYERS = [
     ["mdm_jax.tasks"],
     ["mdm_jax.trainers"],
     ["mdm_jax.cli", "mdm_jax.benchmarks"],
-    ["mdm_jax.main", "mdm_jax.eval_images", "mdm_jax.eval_gaussian"],
+    ["mdm_jax.main", "mdm_jax.eval_images", "mdm_jax.eval_gaussian", "mdm_jax.lm_eval"],
 ]
 
 
