@@ -111,3 +111,27 @@ def test_generative_perplexity_under_gpt2(reference):
   # Batching does not move the number.
   res1 = gen_ppl.score_texts(scorer, texts, batch_size=1)
   np.testing.assert_allclose(res1["gen_ppl"], res["gen_ppl"], rtol=1e-6)
+
+
+def test_features_match_transformers_hidden_states(reference):
+  scorer = inference.load_scorer("gpt2:" + os.path.join(FIX, "tiny"))
+  h = np.asarray(scorer.features(reference["ids"]))
+  np.testing.assert_allclose(h, reference["features"], atol=1e-4, rtol=0)
+  texts = [scorer.tokenizer.decode(row[:n]) for row, n in zip(reference["ids"], (40, 17, 3))]
+  f = gen_ppl.text_features(scorer, texts, batch_size=2)
+  np.testing.assert_allclose(f, reference["features"][[0, 1, 2], [39, 16, 2]], atol=1e-4)
+
+
+def test_mauve_on_judge_features_tells_apart_a_collapsed_sampler():
+  mauve = pytest.importorskip("mauve", reason="pip install -e '.[test]' (mauve-text)")
+  del mauve
+  scorer = inference.load_scorer("gpt2:" + os.path.join(FIX, "tiny"))
+  rng = np.random.default_rng(0)
+  words = lambda n, hi: [" ".join(f"w{i}" for i in rng.integers(0, hi, 12)) for _ in range(n)]  # noqa: E731
+  reference, same, collapsed = words(60, 50), words(60, 50), ["w97 " * 11 + "w97"] * 60
+  good = gen_ppl.mauve_score(scorer, reference, same)
+  bad = gen_ppl.mauve_score(scorer, reference, collapsed)
+  assert good["mauve"] > 0.5 > bad["mauve"] and good["num_samples"] == 60, (good, bad)
+  ar_like = gen_ppl.Scorer(token_nll=None, tokenizer=scorer.tokenizer, seq_len=8)
+  with pytest.raises(gen_ppl.ScoreError, match="no features"):
+    gen_ppl.text_features(ar_like, ["w1"])

@@ -65,6 +65,8 @@ class Scorer:
       ``token_nll`` then returns 0 in column 0, which nothing predicts).
     max_length: "judge": the judge tokens kept per text (truncated, then padded with EOS).
     eos_id: "judge": the judge's EOS id (also its padding).
+    features: optional int32 [B, seq_len] -> float [B, seq_len, D], the judge's final hidden
+      states (after its last LayerNorm), for ``text_features`` and ``mauve_score``.
   """
   token_nll: Callable[[np.ndarray], Any]
   tokenizer: Any
@@ -75,6 +77,7 @@ class Scorer:
   protocol: str = "bos_windows"
   max_length: int = 1024
   eos_id: int = 50256
+  features: Optional[Callable[[np.ndarray], Any]] = None
 
   @property
   def workdir(self) -> str:
@@ -205,6 +208,57 @@ def score_texts_judge(scorer: Scorer, texts: Sequence[str], batch_size: int = 16
       "scorer": scorer.workdir, "scorer_step": scorer.step, "protocol": "judge",
       "max_length": int(scorer.max_length), "context": int(scorer.seq_len),
   }
+
+
+def text_features(scorer: Scorer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+  """One feature vector per text [N, D]: the judge's final hidden state at the text's last
+  token, the text's judge ids truncated to ``max_length`` (and to the last ``seq_len`` of
+  those when the judge's context is shorter).
+
+  Raises:
+    ScoreError: the scorer has no features, or a text encodes to no token.
+  """
+  if scorer.features is None:
+    raise ScoreError(f"The scorer {scorer.workdir} gives no features (MAUVE needs a judge "
+                     "with hidden states, e.g. gpt2:FOLDER).")
+  encoded = [np.asarray(scorer.tokenizer.encode(t), np.int32)[:scorer.max_length][-scorer.seq_len:]
+             for t in texts]
+  if any(len(e) == 0 for e in encoded):
+    raise ScoreError("A text encodes to no judge token; it has no features.")
+  rows = np.full((len(encoded), scorer.seq_len), scorer.eos_id, np.int32)
+  for i, e in enumerate(encoded):
+    rows[i, :len(e)] = e
+  last = np.array([len(e) - 1 for e in encoded])
+  pad = -len(rows) % batch_size
+  rows = np.concatenate([rows, np.full((pad, scorer.seq_len), scorer.eos_id, np.int32)])
+  out = []
+  for i in range(0, len(rows), batch_size):
+    h = np.asarray(scorer.features(rows[i:i + batch_size]), np.float32)
+    out.append(h)
+  h = np.concatenate(out)[:len(encoded)]
+  return h[np.arange(len(encoded)), last]
+
+
+def mauve_score(scorer: Scorer, reference: Sequence[str], samples: Sequence[str],
+                num_buckets: Any = "auto", scaling_factor: float = 5.0, seed: int = 25,
+                batch_size: int = 16) -> Dict[str, Any]:
+  """MAUVE of ``samples`` against ``reference`` texts on the judge's features.
+
+  The divergence-frontier computation is the ``mauve-text`` package's (``compute_mauve``
+  with ``p_features`` = the reference's, ``q_features`` = the samples'), at its defaults:
+  k-means buckets ``auto`` (a tenth of the number of texts), scaling factor 5.  Only the
+  features come from here (``text_features``), so no torch is needed.
+  """
+  try:
+    import mauve  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("MAUVE needs the mauve-text package: pip install mauve-text") from e
+  p = text_features(scorer, reference, batch_size)
+  q = text_features(scorer, samples, batch_size)
+  out = mauve.compute_mauve(p_features=p, q_features=q, num_buckets=num_buckets,
+                            mauve_scaling_factor=scaling_factor, seed=seed, verbose=False)
+  return {"mauve": float(out.mauve), "num_reference": len(reference),
+          "num_samples": len(samples), "scorer": scorer.workdir}
 
 
 def reference_texts(scorer: Scorer, num: int, num_chars: int) -> List[str]:

@@ -227,15 +227,21 @@ def token_nll_fn(model: GPT2, params):
   return fn
 
 
+def features_fn(model: GPT2, params):
+  """ids [B, C] -> f32 [B, C, D]: the final hidden states (after ``ln_f``)."""
+  return jax.jit(lambda ids: model.apply({"params": params}, ids, features_only=True))
+
+
 def gpt2_scorer(folder: str, max_length: int = 1024) -> gen_ppl.Scorer:
   """The GPT-2 in ``folder`` as a generative-perplexity ``Scorer`` (the peers' protocol:
   rows of ``max_length`` judge tokens, chunks of the model's context; see
   ``gen_ppl.score_texts_judge``)."""
   folder = folder[len(PREFIX):] if folder.startswith(PREFIX) else folder
   model, params, cfg = load_gpt2(folder)
-  fn = token_nll_fn(model, params)
+  fn, feats = token_nll_fn(model, params), features_fn(model, params)
   return gen_ppl.Scorer(token_nll=lambda ids: np.asarray(fn(jnp.asarray(ids, jnp.int32))),
                         tokenizer=HFTokenizer(os.path.expanduser(folder)),
                         seq_len=min(int(cfg.n_positions), int(max_length)),
                         name=PREFIX + folder, protocol="judge", max_length=int(max_length),
-                        eos_id=int(cfg.eos_token_id))
+                        eos_id=int(cfg.eos_token_id),
+                        features=lambda ids: np.asarray(feats(jnp.asarray(ids, jnp.int32))))
