@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+import logging
 
 from mdm_jax.core import distributed, paths
 from mdm_jax.core import sharding as shd
@@ -62,6 +62,7 @@ from mdm_jax.sampling import generate as generate_lib
 from mdm_jax.trainers.setup import restore_for_inference
 
 MODEL_NAME = "mdm_jax"
+_LOG = logging.getLogger(__name__)      # lm-eval's own logging set-up shows it
 
 
 @dataclasses.dataclass
@@ -231,7 +232,7 @@ class DiffusionLMEvaluator:
 
   def _log_stderr(self, what: str) -> None:
     if self.last_stderr and not self.exact:
-      logging.info("mdm_jax %s: %d requests, K=%d time samples; standard error of the bound "
+      _LOG.info("mdm_jax %s: %d requests, K=%d time samples; standard error of the bound "
                    "mean %.4f, max %.4f nats.", what, len(self.last_stderr),
                    self.num_time_samples, float(np.mean(self.last_stderr)),
                    float(np.max(self.last_stderr)))
