@@ -62,7 +62,7 @@ from mdm_jax.sampling import generate as generate_lib
 from mdm_jax.trainers.setup import restore_for_inference
 
 MODEL_NAME = "mdm_jax"
-_LOG = logging.getLogger(__name__)      # lm-eval's own logging set-up shows it
+_LOG = logging.getLogger("lm_eval.models.mdm_jax")   # under lm-eval's logger: its CLI shows it
 
 
 @dataclasses.dataclass
