@@ -6,8 +6,9 @@ over an evaluation set, always normalised by the number of *original* tokens
 (never by L * ell).
 
 Continuous-time masked-diffusion ELBO (MDLM / MD4 form), for per-element schedules
-alpha_ij (``mdm_jax.diffusion.schedules``; a univariate schedule is the broadcast case
-where every element has the same alpha):
+alpha_ij (``mdm_jax.diffusion.schedules``; ``Schedule.hazards`` gives the mask
+probabilities and weights, which broadcast onto the [B, L, ell] elements, so a
+univariate schedule is the case where every element has the same alpha):
 
     NELBO(x) = int_0^1 E_{y_t ~ q(.|x)} [ sum_{masked ij} w_ij(t) * -log p(x_ij | y_t) ] dt,
     w_ij(t) = -alpha_ij'(t) / (1 - alpha_ij(t)).
@@ -48,8 +49,9 @@ exponents; docs/method/algorithms.md §2.5).  Evaluation uses one mask.
 Value-dependent schedules (``schedule.value_dependent``, GenMD4): an element holding value
 x is masked with probability t**w_x, so the model's unmasking rate to value d is
 w_d p(d | y_t) / t and each masked element costs (1/t) [w_x (-log p(x)) - w_x +
-sum_d w_d p(d)] (``value_dependent_terms``; p is the element's digit marginal), with
-GenMD4's reconstruction term for [0, t_min] (``schedule.reconstruction``).
+sum_d w_d p(d)] (``value_element_costs`` with the schedule's ``value_weights``; p is the
+element's digit marginal), with GenMD4's reconstruction term for [0, t_min]
+(``schedule.reconstruction``).
 
 The t-free order estimator (``schedule.estimator == "order"``, ``order_loss``) replaces
 the time draw by a Plackett-Luce prefix of the decoding order in training
