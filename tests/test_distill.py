@@ -314,7 +314,7 @@ def test_bad_distill_config_is_rejected(key, value, match):
 def test_cli_distill_resume_and_evaluate(tmp_path):
   from PIL import Image
   from mdm_jax.data import build_data as make_text_data
-  from mdm_jax.metrics import classifier as eval_images
+  from mdm_jax.trainers.classifier import train_classifier
   from mdm_jax.cli import eval_images as eval_images_cli
   from mdm_jax.data import images
   rng = np.random.default_rng(0)
@@ -344,7 +344,7 @@ def test_cli_distill_resume_and_evaluate(tmp_path):
   ck.save(5, state, None, to_dict(c), force=True)
   ck.close()
   clf_dir = str(tmp_path / "clf")
-  eval_images.train_classifier(data.images("train"), data.train_labels, data.num_classes,
+  train_classifier(data.images("train"), data.train_labels, data.num_classes,
                                steps=3, batch_size=8, path=clf_dir)
 
   env = dict(os.environ)
