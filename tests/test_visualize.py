@@ -1,4 +1,4 @@
-"""Tests for mdm_jax.visualize: partial-masking states and pictures."""
+"""Tests for mdm_jax.pictures.masking: partial-masking states and pictures."""
 
 import jax
 import jax.numpy as jnp
