@@ -157,10 +157,12 @@ def masking_figure(trajectory, mask_id: int, *, sampler: str = "", ell: Optional
   sampler, ell, the sequence length and the step count; the legend the three states.
   ``ell`` defaults to the trajectory's last axis.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.colors import BoundaryNorm, ListedColormap  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.colors import BoundaryNorm, ListedColormap
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+  # pylint: enable=import-outside-toplevel
 
   tr = _digits(trajectory, 3)
   if tr.ndim != 3:
@@ -195,7 +197,8 @@ def masking_figure(trajectory, mask_id: int, *, sampler: str = "", ell: Optional
 
 def figure_title(fig) -> str:
   """The figure's title (``suptitle``) and its axes' titles, one per line."""
-  parts = [fig._suptitle.get_text()] if fig._suptitle is not None else []  # pylint: disable=protected-access
+  sup = fig._suptitle  # pylint: disable=protected-access
+  parts = [sup.get_text()] if sup is not None else []
   return "\n".join(parts + [ax.get_title() for ax in fig.axes if ax.get_title()])
 
 
