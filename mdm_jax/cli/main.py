@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from mdm_jax.core import distributed, paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
-from mdm_jax.data import array_record
+from mdm_jax.data import array_record_prepare
 from mdm_jax.metrics import gen_ppl
 from mdm_jax.trainers import distill, inference, loop
 from mdm_jax.trainers.checkpoint import CheckpointError
@@ -86,7 +86,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare: replace an existing
 def run_prepare(config, output: str) -> dict:
   """--mode=prepare: writes the ArrayRecord dataset; returns a summary (printed as JSON)."""
   progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-  meta = array_record.prepare(
+  meta = array_record_prepare.prepare(
       config.data, output, source=_SOURCE.value, source_config=_SOURCE_CONFIG.value,
       train_split=_TRAIN_SPLIT.value, eval_split=_EVAL_SPLIT.value, text_key=_TEXT_KEY.value,
       max_documents=_MAX_DOCS.value, tfds_data_dir=_TFDS_DATA_DIR.value,
@@ -145,7 +145,7 @@ def main(argv):
       raise app.UsageError("--mode=prepare needs --output=DIR (the dataset directory to write).")
     try:
       result = run_prepare(_CONFIG.value, _OUTPUT.value)
-    except (array_record.PrepareError, FileNotFoundError) as e:
+    except (array_record_prepare.PrepareError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps(result, indent=2, default=str))

@@ -15,7 +15,7 @@ model is one new file with a ``Task`` subclass registered by ``@TASKS.register(n
 * ``generate(params, config, ...)``: samples and their stats;
 * ``after_eval(params, workdir, step, write=...)``: pictures or files a task writes after each eval
   (it returns ``{tag: png_path}`` for TensorBoard, or None);
-* ``sample_pictures(result)``: RGB pictures drawn from a ``generate`` result (the masking
+* ``sample_pictures(result, sampler)``: RGB pictures drawn from a ``generate`` result (the masking
   picture of a sampler's trajectory), written beside the samples;
 * ``COMPAT_KEYS``: the config sections that must match when a run resumes;
 * ``describe()``: one line for the log.
@@ -45,7 +45,7 @@ from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.registry import Registry
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
-from mdm_jax.pictures.masking import masking_timeline
+from mdm_jax.pictures.masking import masking_picture
 from mdm_jax.sampling import generate as generate_lib
 
 TASKS: Registry[Any] = Registry("task", "objective")
@@ -128,8 +128,8 @@ class Task:
     del params, workdir, step, write
     return None
 
-  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
-    del result
+  def sample_pictures(self, result, sampler: str = "") -> Dict[str, np.ndarray]:
+    del result, sampler
     return {}
 
 
@@ -204,16 +204,17 @@ class TokenTask(Task):
             "bits_per_token": nll / math.log(2.0), "eval_tokens": float(sums["tokens"])}
 
   # ---- generation
-  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
+  def sample_pictures(self, result, sampler: str = "") -> Dict[str, np.ndarray]:
     """The masking picture of sample 0 (rows: sampler steps; columns: every digit of every
-    token; grey masked, orange a partly observed token, green a complete one), when the
-    sampler returned its trajectory (``sampling.masking_picture``)."""
+    token; grey masked, orange a partly observed token, green a complete one; axes, legend
+    and a title naming ``sampler`` and ell), when the sampler returned its trajectory
+    (``sampling.masking_picture``)."""
     traj = getattr(result, "trajectory", None)
     if traj is None:
       return {}
     traj = np.asarray(traj)[:, 0]                         # [steps + 1, L, ell]
-    scale = max(1, min(4, 1024 // max(traj.shape[1] * traj.shape[2], 1)))
-    return {"masking": masking_timeline(traj, self.codec.mask_id, scale=scale)}
+    return {"masking": masking_picture(traj, self.codec.mask_id, sampler=sampler,
+                                       ell=int(self.codec.ell))}
 
   def sampler_kwargs(self, sampler: str, config, num_samples: int, seq_len: int,
                      num_steps: int) -> Dict[str, Any]:

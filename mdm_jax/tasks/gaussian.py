@@ -417,8 +417,8 @@ class GaussianTask(Task):
 
   def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
                sampler=None, mesh=None, rules=None, labels=None, guidance=None):
-    """The ``mdm_jax.sample.generate`` contract: (GaussianSample, stats).  Labels default to
-    classes 0, 1, 2, ... in turn (the null label for an unconditional model)."""
+    """The ``Task.generate`` contract (``tasks/base.py``): (GaussianSample, stats).  Labels
+    default to classes 0, 1, 2, ... in turn (the null label for an unconditional model)."""
     sc = config.sampling
     n = int(num_samples or sc.num_samples)
     steps = int(num_steps or sc.num_steps)
