@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
+import types
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -87,11 +88,15 @@ class _Held:
 
 def value_key(value: Any) -> Hashable:
   """``value`` as a hashable key part: itself when hashable, tuples and dicts item by item,
-  arrays by shape, dtype and contents, anything else held by identity (``_Held``)."""
+  a bound method by its function and its object's key (a flax ``Module.apply`` by the
+  module's fields), arrays by shape, dtype and contents, anything else held by identity
+  (``_Held``)."""
   if isinstance(value, (list, tuple)):
     return tuple(value_key(v) for v in value)
   if isinstance(value, dict):
     return tuple(sorted((k, value_key(v)) for k, v in value.items()))
+  if isinstance(value, types.MethodType):       # compares its object by identity: by value here
+    return ("method", value.__func__, value_key(value.__self__))
   if isinstance(value, (np.ndarray, jax.Array)):
     arr = np.asarray(value)
     return ("array", arr.shape, str(arr.dtype), arr.tobytes())
