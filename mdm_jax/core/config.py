@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import json
 import os
 import tempfile
@@ -83,10 +82,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(module)
   fn = module.get_config
-  takes_arg = bool(inspect.signature(fn).parameters)
-  if arg and not takes_arg:
-    raise ConfigError(f"--config={spec}: {path} takes no variant (the part after ':').")
-  return fn(arg) if takes_arg else fn()
+  if not arg:
+    return fn()
+  try:
+    return fn(arg)
+  except TypeError as e:
+    if e.__traceback__ is not None and e.__traceback__.tb_next is None:
+      # Raised by the call itself, before get_config ran: it takes no argument.
+      raise ConfigError(f"--config={spec}: {path} takes no variant (the part after ':').") from e
+    raise
 
 
 def merge_block(defaults: ml_collections.ConfigDict, given) -> ml_collections.ConfigDict:

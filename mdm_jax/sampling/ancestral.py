@@ -141,7 +141,8 @@ def initial_digits(codec: PrimeCodec, batch_size: int, seq_len: int,
   return jnp.where(prompt_mask[..., None], enc, masked).astype(jnp.int32)
 
 
-@SAMPLERS.register("ancestral")
+@SAMPLERS.register("ancestral", takes=("eps", "chunk_point", "return_trajectory"),
+                    exact=True, nfe=lambda steps, elements, opts: (1, steps + 1))
 def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                      codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                      num_steps: int, carry_over: bool = True, temperature=1.0,

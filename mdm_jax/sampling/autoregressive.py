@@ -20,7 +20,8 @@ from mdm_jax.sampling.registry import SAMPLERS
 Array = jax.Array
 
 
-@SAMPLERS.register("ar")
+@SAMPLERS.register("ar", exact=True, reports_idle=False,
+                    nfe=lambda steps, elements, opts: (elements, elements))
 def ar_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, vocab_size: int,
               batch_size: int, seq_len: int, bos_id: int, temperature=1.0, top_k: int = 0,
               top_p=1.0, prompt: Optional[Array] = None, prompt_len: int = 0,

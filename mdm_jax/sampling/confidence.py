@@ -29,6 +29,7 @@ is ever emitted (carry_over=True).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -39,10 +40,21 @@ from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
 from mdm_jax.sampling.common import CONFIDENCES, descending_ranks, token_confidence
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.diffusion.schedules import Schedule
-from mdm_jax.sampling.registry import SAMPLERS
+from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
 
 
-@SAMPLERS.register("confidence")
+@dataclasses.dataclass(frozen=True)
+class ConfidenceOptions(SamplerOptions):
+  """``config.sampling`` keys of ``confidence``."""
+  confidence: str = choices("prob", CONFIDENCES)
+  block_len: int = 0
+
+
+# Exact only with a value-independent confidence: choosing where to reveal by the
+# probability of the value drawn there ("prob") biases that value.
+@SAMPLERS.register("confidence", options=ConfidenceOptions, takes=("eps",),
+                   exact=lambda opts: opts.confidence != "prob",
+                   nfe=lambda steps, elements, opts: (1, steps))
 def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCodec,
                       schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
                       carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,

@@ -59,7 +59,8 @@ from mdm_jax.sampling.registry import SAMPLERS
 Array = jax.Array
 
 
-@SAMPLERS.register("first_hitting")
+@SAMPLERS.register("first_hitting", takes=("eps",), exact=True,
+                    nfe=lambda steps, elements, opts: (min(steps, elements),) * 2)
 def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                          codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                          num_steps: int, carry_over: bool = True, temperature=1.0,

@@ -66,6 +66,7 @@ Prompt / infill tokens are fixed from the start and never committed over.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Optional
 
@@ -78,7 +79,7 @@ from mdm_jax.sampling.ancestral import SampleResult, initial_digits
 from mdm_jax.sampling.common import (CONFIDENCES, descending_ranks, entropy, merge_tokens,
                                      model_logprobs, time_for_mask_prob, token_confidence)
 from mdm_jax.sampling.filters import sample_categorical
-from mdm_jax.sampling.registry import SAMPLERS
+from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
 
 Array = jax.Array
 
@@ -150,7 +151,41 @@ def _common_kwargs(codec, schedule, batch_size, seq_len, num_steps, carry_over, 
               top_p_rule=top_p_rule)
 
 
-@SAMPLERS.register("punt")
+@dataclasses.dataclass(frozen=True)
+class PuntOptions(SamplerOptions):
+  """``config.sampling`` keys of ``punt``."""
+  punt_eps: float = 0.05
+  punt_max_candidates: int = 0
+  punt_divergence: str = choices("kl", PUNT_DIVERGENCES)
+  punt_confidence: str = choices("max_prob", CONFIDENCES)
+  punt_mode: str = choices("sequential", PUNT_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class EbOptions(SamplerOptions):
+  """``config.sampling`` keys of ``eb``."""
+  eb_gamma: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class FastDllmOptions(SamplerOptions):
+  """``config.sampling`` keys of ``fast_dllm``."""
+  fast_dllm_threshold: float = 0.9
+
+
+def _punt_nfe(steps: int, elements: int, opts: PuntOptions):
+  """At most min(T, N) steps of 1 + ceil(log2 |C|) calls (sequential) or 2 (batched)."""
+  per_step = 2 if opts.punt_mode == "batched" else 1 + math.ceil(math.log2(max(elements, 1)))
+  return 1, min(steps, elements) * per_step
+
+
+def _one_call_per_step(steps: int, elements: int, opts) -> tuple:
+  del opts
+  return 1, min(steps, elements)
+
+
+@SAMPLERS.register("punt", options=PuntOptions, takes=("eps",),
+                   exact=lambda opts: opts.punt_confidence != "prob", nfe=_punt_nfe)
 def punt_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec: PrimeCodec,
                 schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
                 carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,
@@ -233,7 +268,8 @@ def punt_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, code
       prompt, prompt_mask, eps, top_p_rule))
 
 
-@SAMPLERS.register("eb")
+@SAMPLERS.register("eb", options=EbOptions, takes=("eps",), exact=True,
+                   nfe=_one_call_per_step)
 def eb_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec: PrimeCodec,
               schedule: Schedule, batch_size: int, seq_len: int, num_steps: int,
               carry_over: bool = True, temperature=1.0, top_k: int = 0, top_p=1.0,
@@ -259,7 +295,8 @@ def eb_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, codec:
       prompt, prompt_mask, eps, top_p_rule))
 
 
-@SAMPLERS.register("fast_dllm")
+@SAMPLERS.register("fast_dllm", options=FastDllmOptions, takes=("eps",), exact=True,
+                   nfe=_one_call_per_step)
 def fast_dllm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                      codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                      num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,

@@ -80,7 +80,8 @@ Prompt / infill positions are fixed and never re-masked by any of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, per_digit, time_grid
 from mdm_jax.sampling.common import descending_ranks, merge_tokens, model_logprobs
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
-from mdm_jax.sampling.registry import SAMPLERS
+from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
 
 Array = jax.Array
 
@@ -206,7 +207,33 @@ def _maskgit(apply_fn, params, key, *, codec: PrimeCodec, schedule: Schedule, ba
                       aux={"remasked": n_remasked} if correct else None)
 
 
-@SAMPLERS.register("maskgit")
+@dataclasses.dataclass(frozen=True)
+class MaskgitOptions(SamplerOptions):
+  """``config.sampling`` keys of ``maskgit``."""
+  maskgit_select_temp: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCorrectOptions(MaskgitOptions):
+  """``config.sampling`` keys of ``self_correct``."""
+  correction_phases: Tuple[float, ...] = (0.4, 0.6, 0.8)
+  correction_caps: Tuple[float, ...] = (16.0, 8.0, 4.0)
+  correction_score: str = choices("raw", CORRECTION_SCORES)
+  correction_probe_frac: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class RemdmOptions(SamplerOptions):
+  """``config.sampling`` keys of ``remdm``."""
+  remdm_schedule: str = choices("cap", REMDM_SCHEDULES)
+  remdm_eta: float = -1.0
+  remdm_t_on: float = 0.55
+  remdm_t_off: float = 0.05
+  remdm_alpha_on: float = 0.9
+
+
+@SAMPLERS.register("maskgit", options=MaskgitOptions, takes=("eps", "return_trajectory"),
+                   nfe=lambda steps, elements, opts: (steps, steps))
 def maskgit_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                    codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                    num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,
@@ -224,7 +251,10 @@ def maskgit_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                   return_trajectory=return_trajectory)
 
 
-@SAMPLERS.register("self_correct")
+@SAMPLERS.register("self_correct", options=SelfCorrectOptions,
+                   takes=("eps", "return_trajectory"),
+                   nfe=lambda steps, elements, opts: (
+                       steps, 2 * steps if opts.correction_score == "probe" else steps))
 def self_correct_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                         codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                         num_steps: int, carry_over: bool = True, temperature=1.0,
@@ -262,7 +292,11 @@ def remdm_alpha(schedule: Schedule, remdm_schedule: str, t_on: float, t_off: flo
   return alpha
 
 
-@SAMPLERS.register("remdm")
+# Re-masking a token and drawing it again from the model keeps an independent
+# position's law; "conf" re-masks by the drawn value's confidence, which does not.
+@SAMPLERS.register("remdm", options=RemdmOptions, takes=("eps", "return_trajectory"),
+                   exact=lambda opts: opts.remdm_schedule != "conf",
+                   nfe=lambda steps, elements, opts: (1, steps + 1))
 def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                  codec: PrimeCodec, schedule: Schedule, batch_size: int, seq_len: int,
                  num_steps: int, carry_over: bool = True, temperature=1.0, top_k: int = 0,

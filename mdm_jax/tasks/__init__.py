@@ -14,6 +14,7 @@ around a run, not objectives, so they are not registered); a new one is one file
 registered by ``@TASKS.register(name)``.
 """
 
+from mdm_jax.sampling import sampler_entry
 from mdm_jax.tasks.base import TASKS, Task, TokenTask, loss_config
 # The built-in tasks register themselves on import.
 from mdm_jax.tasks.masked import MaskedDiffusionTask
@@ -25,6 +26,9 @@ from mdm_jax.tasks.validation import validate_config
 def build_task(config, vocab_size: int) -> Task:
   """Validates ``config`` and builds the task named by ``config.objective``."""
   validate_config(config)
+  # config.sampling as the selected sampler's frozen, typed options: a bad value (or
+  # type) of one of its keys is a ConfigError here, before anything is built.
+  sampler_entry(config.sampling.sampler).bind(config.sampling)
   return TASKS.get(config.objective).from_config(config, vocab_size)
 
 

@@ -33,7 +33,6 @@ and the registered samplers.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -233,16 +232,18 @@ class TokenTask(Task):
     n = int(num_samples or sc.num_samples)
     steps = int(num_steps or sc.num_steps)
     seq_len = int(sc.seq_len or self.seq_len)
+    entry = generate_lib.sampler_entry(sampler)
+    options = entry.bind(sc)             # the frozen, validated options of this sampler
     kw = self.sampler_kwargs(sampler, config, n, seq_len, steps)
     kw.update(temperature=float(sc.temperature), top_k=int(sc.top_k), top_p=float(sc.top_p))
-    kw.update(generate_lib.sampler_options(generate_lib.get_sampler(sampler), sc))
-    if (self.objective != "ar" and bool(sc.get("masking_picture", False)) and "return_trajectory"
-        in inspect.signature(generate_lib.get_sampler(sampler)).parameters):
+    kw.update(options.kwargs())
+    if (self.objective != "ar" and bool(sc.get("masking_picture", False))
+        and "return_trajectory" in entry.takes):
       kw["return_trajectory"] = True
     return generate_lib.run_sampler(
         self.apply_fn, params, sampler, kw, seed=int(sc.seed if seed is None else seed),
         num_samples=n, seq_len=seq_len, num_steps=steps, mesh=mesh, rules=rules,
-        cache_key=id(self), report_idle=self.objective != "ar")
+        report_idle=self.objective != "ar")
 
 
 def loss_config(config) -> elbo.DiffusionLossConfig:

@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import gaussian as g
 from mdm_jax.networks import build_model
 from mdm_jax.networks.mc_dit import MCDiT, patchify_images, unpatchify_images
+from mdm_jax.sampling.generate import BoundedCache, jit_with_shardings, sharding_key
 from mdm_jax.tasks.base import TASKS, Task
 
 
@@ -228,6 +229,9 @@ class GaussianTask(Task):
   seq_len: int
   gc: GaussianConfig
   time_conditioning: bool = True
+  # The jitted samplers of this task, by setting (owned here: they go with the task).
+  sample_fns: BoundedCache = dataclasses.field(default_factory=lambda: BoundedCache(4),
+                                               init=False, repr=False, compare=False)
 
   @property
   def mc(self):
@@ -429,7 +433,7 @@ class GaussianTask(Task):
       labels = (np.arange(n) % mc.num_classes if mc.num_classes else
                 np.full((n,), mc.null_label))
     labels = jnp.asarray(labels, jnp.int32)
-    fn = _sample_jit(self, n, steps, sampler, w, rules)
+    fn = self._sample_jit(n, steps, sampler, w, rules, mesh, params)
     rng = jax.random.key(int(sc.seed if seed is None else seed))
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
@@ -447,19 +451,19 @@ class GaussianTask(Task):
              "arm": mc.arm}
     return GaussianSample(tokens=tokens, nfe=int(nfe), labels=np.asarray(labels)), stats
 
+  def _sample_jit(self, n: int, steps: int, sampler: str, w: float, rules, mesh, params):
+    """The jitted ``(params, rng, labels) -> (images, nfe)`` of one setting, with explicit
+    shardings under a mesh (parameters as placed, the rest replicated)."""
+    def make():
+      def run(params, rng, labels):
+        with nn.logical_axis_rules(rules or ()):
+          return self.sample_images(params, rng, labels, num_steps=steps, sampler=sampler,
+                                    guidance=w)
+      return jit_with_shardings(run, mesh, params, num_replicated=2)
+    key = (n, steps, sampler, w, tuple(map(tuple, rules or ())), sharding_key(mesh, params))
+    return self.sample_fns.get(key, make)
 
-_SAMPLE_CACHE: Dict[tuple, Any] = {}
 
-
-def _sample_jit(task: GaussianTask, n: int, steps: int, sampler: str, w: float, rules):
-  key = (id(task), n, steps, sampler, w, rules)
-  if key not in _SAMPLE_CACHE:
-    def run(params, rng, labels):
-      with nn.logical_axis_rules(rules or ()):
-        return task.sample_images(params, rng, labels, num_steps=steps, sampler=sampler,
-                                  guidance=w)
-    _SAMPLE_CACHE[key] = jax.jit(run, static_argnums=())
-  return _SAMPLE_CACHE[key]
 
 
 

@@ -11,7 +11,6 @@ after each evaluation a per-position schedule's decoding order is drawn to
 
 from __future__ import annotations
 
-import inspect
 import json
 
 from mdm_jax.core import distributed, paths
@@ -21,7 +20,7 @@ from mdm_jax.diffusion import prime as prime_lib
 from mdm_jax.diffusion.schedules import Schedule, get_schedule
 from mdm_jax.networks import attach_schedule, build_model
 from mdm_jax.pictures.order import write_order
-from mdm_jax.sampling import get_sampler
+from mdm_jax.sampling import sampler_entry
 from mdm_jax.tasks.base import TASKS, TokenTask, loss_config
 
 
@@ -83,7 +82,7 @@ class MaskedDiffusionTask(TokenTask):
     kw = dict(codec=self.codec, schedule=self.schedule, batch_size=num_samples,
               seq_len=seq_len, num_steps=num_steps, carry_over=bool(config.prime.carry_over),
               time_conditioning=self.time_conditioning)
-    accepted = inspect.signature(get_sampler(sampler)).parameters
+    accepted = sampler_entry(sampler).takes     # what the sampler declares it takes
     if "chunk_point" in accepted:
       kw["chunk_point"] = self.loss_cfg.chunk_point   # grouped reveals mirror training
     if "eps" in accepted:
