@@ -6,6 +6,12 @@ time so that the wall time excludes compilation, and returns the ``SampleResult`
 a stats dict: NFE, wall and compile time, tokens/s, the samples' unigram entropy and,
 where the sampler reports them, idle steps and its own extra numbers.  Tasks build the
 keyword arguments (``mdm_jax.tasks``); this module knows no task.
+
+Sample i of a run with seed s is drawn from the per-row key fold_in(key(s), i)
+(``sampling/common.py``): ``row_offset`` is the global index of a call's first sample,
+so ``num_samples`` drawn in batches (``row_offset`` = the samples drawn before) are the
+same samples as one big call, on any mesh.  ``precision`` sets the precision of the
+draws (``filters.sampling_precision``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import numpy as np
 
 from mdm_jax.core import distributed
 from mdm_jax.metrics.text import unigram_entropy
+from mdm_jax.sampling.common import row_keys
+from mdm_jax.sampling.filters import sampling_precision
 from mdm_jax.sampling.registry import get_sampler
 
 # config.sampling keys that are sampler options: each is passed, under its own
@@ -47,9 +55,13 @@ def sampler_options(fn, sampling_config) -> Dict[str, Any]:
 
 
 def jitted_sampler(apply_fn: Callable, name: str, kwargs: Dict[str, Any], rules=None,
-                   cache_key: Any = None):
-  """A jitted ``(params, key) -> SampleResult`` for the sampler ``name`` and static kwargs."""
-  key = (cache_key if cache_key is not None else id(apply_fn), name, rules,
+                   cache_key: Any = None, precision: str = "float32"):
+  """A jitted ``(params, key) -> SampleResult`` for the sampler ``name`` and static kwargs.
+
+  ``precision="float64"``: trace and compile it inside ``sampling_precision("float64")``
+  (``run_sampler`` does).
+  """
+  key = (cache_key if cache_key is not None else id(apply_fn), name, rules, precision,
          tuple(sorted((k, v if isinstance(v, (int, float, str, bool, tuple, type(None)))
                        else id(v)) for k, v in kwargs.items())))
   if key in _JIT_CACHE:
@@ -57,7 +69,7 @@ def jitted_sampler(apply_fn: Callable, name: str, kwargs: Dict[str, Any], rules=
   fn = get_sampler(name)
 
   def run(params, rng):
-    with nn.logical_axis_rules(rules or ()):
+    with nn.logical_axis_rules(rules or ()), sampling_precision(precision):
       return fn(apply_fn, params, rng, **kwargs)
 
   _JIT_CACHE[key] = jax.jit(run)
@@ -66,15 +78,21 @@ def jitted_sampler(apply_fn: Callable, name: str, kwargs: Dict[str, Any], rules=
 
 def run_sampler(apply_fn: Callable, params, name: str, kwargs: Dict[str, Any], *, seed: int,
                 num_samples: int, seq_len: int, num_steps: int, mesh=None, rules=None,
-                cache_key: Any = None, report_idle: bool = True) -> Tuple[Any, Dict[str, Any]]:
-  """Samples with the registered sampler ``name``; returns (SampleResult, stats)."""
-  fn = jitted_sampler(apply_fn, name, kwargs, rules, cache_key)
-  rng = jax.random.key(int(seed))
+                cache_key: Any = None, report_idle: bool = True, row_offset: int = 0,
+                precision: str = "float32") -> Tuple[Any, Dict[str, Any]]:
+  """Samples with the registered sampler ``name``; returns (SampleResult, stats).
+
+  The call's sample b is drawn from fold_in(key(seed), row_offset + b) (the sampler gets
+  these per-row keys), whatever num_samples, mesh or process count.
+  """
+  fn = jitted_sampler(apply_fn, name, kwargs, rules, cache_key, precision)
+  rng = row_keys(jax.random.key(int(seed)), int(num_samples), int(row_offset))
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     t0 = time.time()
     compiled = _COMPILED.get(fn)
     if compiled is None:   # lower().compile() bypasses jit's cache: keep the executable
-      compiled = _COMPILED[fn] = fn.lower(params, rng).compile()
+      with sampling_precision(precision):
+        compiled = _COMPILED[fn] = fn.lower(params, rng).compile()
     compile_s = time.time() - t0
     t0 = time.time()
     res = jax.block_until_ready(compiled(params, rng))

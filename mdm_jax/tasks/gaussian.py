@@ -309,8 +309,12 @@ class GaussianTask(Task):
     return np.exp(np.linspace(math.log(e.sigma_min * 10), math.log(e.sigma_max / 4), nb)
                   ).astype(np.float32)
 
-  def eval_losses(self, params, tokens, labels, key):
-    """Per-image L_G [nb, B] at the fixed eval levels with fixed ε (fold_in(key, bucket))."""
+  def eval_losses(self, params, tokens, labels, key, row_ids=None):
+    """Per-image L_G [nb, B] at the fixed eval levels with fixed ε (fold_in(key, bucket)).
+
+    With ``row_ids`` (the images' global eval indices) image r's ε at bucket i comes from
+    fold_in(fold_in(key, i), r), so it does not depend on the eval batch.
+    """
     mc = self.mc
     x0 = self.images_to_patches(tokens)
     b = x0.shape[0]
@@ -319,7 +323,12 @@ class GaussianTask(Task):
     out = []
     for i, lvl in enumerate(self.eval_levels()):
       noise = jnp.full((b,), lvl)
-      eps = jax.random.normal(jax.random.fold_in(key, i), x0.shape, jnp.float32)
+      k_i = jax.random.fold_in(key, i)
+      if row_ids is None:
+        eps = jax.random.normal(k_i, x0.shape, jnp.float32)
+      else:
+        eps = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(k_i, r), x0.shape[1:],
+                                                   jnp.float32))(row_ids)
       pred = fns.denoise(params, net_input(self.gc, self.schedule, x0, eps, noise),
                          net_level(self.gc, noise), y, False)
       out.append(g_loss(self.gc, pred, x0, eps, noise))
@@ -370,7 +379,8 @@ class GaussianTask(Task):
     labels = batch.get("labels")
     if self.mc.num_classes == 0:
       labels = None
-    per = self.eval_losses(params, batch["tokens"], labels, key)        # [nb, B]
+    per = self.eval_losses(params, batch["tokens"], labels, key,
+                           row_ids=batch.get("row_ids"))                # [nb, B]
     w = batch["weights"]
     return {"denoise_loss": jnp.sum(per * w[None], axis=1), "images": jnp.sum(w)}
 
