@@ -426,9 +426,14 @@ class GaussianTask(Task):
                                                                         else 2)
 
   def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
-               sampler=None, mesh=None, rules=None, labels=None, guidance=None):
+               sampler=None, mesh=None, rules=None, labels=None, guidance=None, row_offset=0):
     """The ``mdm_jax.sample.generate`` contract: (GaussianSample, stats).  Labels default to
-    classes 0, 1, 2, ... in turn (the null label for an unconditional model)."""
+    classes 0, 1, 2, ... in turn (the null label for an unconditional model).
+
+    ``row_offset`` (the index of the first sample when samples are drawn in several calls)
+    selects the call's key, fold_in(key(seed), row_offset); the Gaussian samplers draw one
+    noise array per call, so unlike the token samplers their samples depend on the batch.
+    """
     sc = config.sampling
     n = int(num_samples or sc.num_samples)
     steps = int(num_steps or sc.num_steps)
@@ -441,6 +446,8 @@ class GaussianTask(Task):
     labels = jnp.asarray(labels, jnp.int32)
     fn = _sample_jit(self, n, steps, sampler, w, rules)
     rng = jax.random.key(int(sc.seed if seed is None else seed))
+    if row_offset:
+      rng = jax.random.fold_in(rng, int(row_offset))
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
       t0 = time.time()
