@@ -262,7 +262,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.gaussian.clip_x0 = True
   c.gaussian.eval_buckets = 8         # held-out L_G at this many fixed noise levels
 
-  # ---------------------------------------------------------------- profiler (docs/profiling.md)
+  # ---------------------------------------------------------------- profiler (docs/outputs.md)
   c.profile = ml_collections.ConfigDict()
   c.profile.start_step = 0            # trace steps start_step .. start_step+num_steps-1; 0 = off
   c.profile.num_steps = 5             # into WORKDIR/profile (TensorBoard profile plugin / XProf)

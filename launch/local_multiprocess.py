@@ -2,7 +2,7 @@
 """Runs N cooperating processes of ``python -m mdm_jax.main`` on this machine.
 
 Each process gets JAX_COORDINATOR_ADDRESS=localhost:PORT, JAX_NUM_PROCESSES=N
-and JAX_PROCESS_ID=i (read by ``mdm_jax/distributed.py``, which then calls
+and JAX_PROCESS_ID=i (read by ``mdm_jax/core/distributed.py``, which then calls
 ``jax.distributed.initialize`` and, on CPU, switches on gloo collectives), so
 together they form one JAX job exactly as the hosts of a TPU pod or a SLURM
 allocation do.  Everything after ``--`` is passed to ``mdm_jax.main``.

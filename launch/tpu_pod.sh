@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train mdm_jax on a Cloud TPU pod slice (v5p-32, v4-32, ...): every worker VM of the
 # slice runs the same `python -m mdm_jax.main` command at the same time, and JAX joins
-# them into one job (mdm_jax/distributed.py calls jax.distributed.initialize()).
+# them into one job (mdm_jax/core/distributed.py calls jax.distributed.initialize()).
 #
 #   bash launch/tpu_pod.sh create   # create the TPU VM slice
 #   bash launch/tpu_pod.sh setup    # copy this checkout to every worker, build .venv, mount the bucket

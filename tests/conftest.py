@@ -7,7 +7,7 @@ The suite is dominated by XLA compilation on CPU (tiny models, few steps), so:
   by the test workers and the command-line runs the tests start, so a program that several
   tests build (the tiny configs' train step, say) is compiled once.  A fresh checkout
   starts with an empty cache.
-* glibc malloc keeps large freed blocks for reuse (``mdm_jax/host_env.py``).
+* glibc malloc keeps large freed blocks for reuse (``mdm_jax/core/host_env.py``).
 None of these changes what a test checks.  Subprocesses that pop XLA_FLAGS get XLA's defaults.
 """
 
@@ -22,6 +22,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 sys.path.insert(0, ROOT)
-# The tuned glibc malloc of mdm_jax/host_env.py, for the test workers and their subprocesses.
+# The tuned glibc malloc of mdm_jax/core/host_env.py, for the test workers and their subprocesses.
 from mdm_jax.core import host_env  # noqa: E402  pylint: disable=g-import-not-at-top
 os.environ.update(host_env.malloc_env(os.environ) or {})

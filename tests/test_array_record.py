@@ -14,7 +14,8 @@ from mdm_jax.configs.base import get_base_config
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.tasks import validate_config
 from mdm_jax import data as data_lib
-from mdm_jax.data import array_record as ar
+from mdm_jax.data import array_record
+from mdm_jax.data import array_record_prepare as ar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_prepare_metadata_and_round_trip(prepared):
   meta, out, data = prepared["meta"], prepared["out"], prepared["data"]
   text_data = data_lib.build_data(prepared["cfg"])        # the in-memory text pipeline
   assert json.loads(pathlib.Path(out, "metadata.json").read_text()) == meta
-  assert meta["format"] == ar.FORMAT and meta["version"] == ar.FORMAT_VERSION
+  assert meta["format"] == array_record.FORMAT and meta["version"] == array_record.FORMAT_VERSION
   assert meta["seq_len"] == 32 and meta["tokenizer"]["kind"] == "char"
   assert meta["tokenizer"]["file"] == "tokenizer.json"
   assert meta["vocab_size"] == text_data.tokenizer.vocab_size == data.tokenizer.vocab_size

@@ -1,4 +1,4 @@
-"""Di[M]O one-step distillation (mdm_jax/distill.py, docs/method/algorithms.md §5): the surrogate's
+"""Di[M]O one-step distillation (mdm_jax/tasks/distill.py, docs/method/algorithms.md §5): the surrogate's
 gradient, the KL gradients, the fixed point, the token initialisation, the frozen
 parameters, generator steps lowering the divergence to the teacher, and the CLI."""
 
@@ -19,8 +19,8 @@ from mdm_jax.core.config import to_dict
 from mdm_jax.trainers import distill
 from mdm_jax.core import sharding as shd
 from mdm_jax.tasks import build_task
-from mdm_jax.trainers.state import init_state
-from mdm_jax.trainers.state import make_optimizer
+from mdm_jax.trainers.state import init_boxed, init_state
+from mdm_jax.trainers.state import _name_matches, make_optimizer
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.networks.embed_noise import perturb_embeddings
 from mdm_jax.diffusion.prime import PrimeCodec
@@ -62,9 +62,11 @@ def setup():
       k, jnp.zeros((2, SIDE * SIDE, 1), jnp.int32), jnp.ones((2,)))["params"]),
       jax.random.key(1), 0.2))(jax.random.key(0))
   settings = distill.DistillSettings.from_config(c)
-  tx_g, tx_a = distill.optimizers(c)
-  step = distill.make_distill_step(task, tx_g, tx_a, settings, ema_decay=0.0, donate=False)
-  return c, task, teacher, settings, tx_g, tx_a, step
+  tx = distill.optimizers(c)
+  dtask = distill.DistillTask(task, settings, aux_steps=int(c.distill.aux_steps), teacher=teacher)
+  step = distill.make_distill_step(dtask, tx, ema_decay=0.0, donate=False)
+  start = jax.jit(lambda p: init_boxed(dtask, tx, jax.random.key(0), frozen=p))
+  return c, task, teacher, settings, start, tx, step
 
 
 # ------------------------------------------------------------------ §5.4 test 1
@@ -183,25 +185,26 @@ def test_backbones_use_the_embedding_noise_and_generator_outputs_valid_tokens(se
 
 # ------------------------------------------------------------------ §5.4 test 2 + init + freezing
 def test_state_starts_from_teacher_fixed_point_and_frozen_parameters(setup):
-  c, task, teacher, settings, tx_g, tx_a, step = setup
+  c, task, teacher, settings, start, tx, step = setup
   from flax import traverse_util
-  state = jax.jit(lambda p: distill._state_from(p, tx_g, tx_a, jax.random.key(0)))(teacher)
-  for tree in (state.gen_params, state.aux_params, state.ema_params):
+  state = start(teacher)
+  for tree in (state.params["generator"], state.params["auxiliary"],
+               state.ema_params["generator"]):
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(teacher)):
       np.testing.assert_array_equal(a, b)
   # psi = phi at the start: g = 0, so the first generator update is exactly zero ...
-  new, m = step(state, teacher)
+  new, m = step(state, {})
   assert float(m["fkl"]) == 0.0 and float(m["g_norm"]) == 0.0 and float(m["gen_grad_norm"]) == 0
-  for a, b in zip(jax.tree.leaves(new.gen_params), jax.tree.leaves(teacher)):
+  for a, b in zip(jax.tree.leaves(new.params["generator"]), jax.tree.leaves(teacher)):
     np.testing.assert_array_equal(a, b)
   # ... while the auxiliary learns the generator's samples; frozen embeddings, position
   # embeddings and output bias do not move in either model
   frozen = tuple(c.distill.frozen_params)
   flat_t = traverse_util.flatten_dict(teacher)
-  flat_a = traverse_util.flatten_dict(new.aux_params)
+  flat_a = traverse_util.flatten_dict(new.params["auxiliary"])
   n_frozen = 0
   for k, v in flat_t.items():
-    if distill._name_matches(k, frozen):
+    if _name_matches(k, frozen):
       n_frozen += 1
       np.testing.assert_array_equal(flat_a[k], v)
   assert n_frozen == 4   # digit_table, pos_row, pos_col, head_bias
@@ -209,11 +212,11 @@ def test_state_starts_from_teacher_fixed_point_and_frozen_parameters(setup):
   assert int(new.step) == 1 and all(np.isfinite(float(v)) for v in m.values())
   # second step: psi != phi now, so g and the generator's gradient are non-zero; the
   # generator's frozen parameters still do not move
-  new2, m2 = step(new, teacher)
+  new2, m2 = step(new, {})
   assert float(m2["fkl"]) > 0 and float(m2["g_norm"]) > 0 and float(m2["gen_grad_norm"]) > 0
-  flat_g = traverse_util.flatten_dict(new2.gen_params)
+  flat_g = traverse_util.flatten_dict(new2.params["generator"])
   for k, v in flat_t.items():
-    if distill._name_matches(k, frozen):
+    if _name_matches(k, frozen):
       np.testing.assert_array_equal(flat_g[k], v)
   assert np.abs(np.asarray(flat_g[("head",)]) - np.asarray(flat_t[("head",)])).max() > 0
 
@@ -274,21 +277,22 @@ def test_generator_steps_with_an_on_policy_auxiliary_descend_the_token_kl(setup)
 def test_distillation_steps_lower_the_teacher_nll_of_generator_samples(setup):
   """Full two-phase updates (the auxiliary learns on-policy from a copy of the teacher): the
   teacher's NLL of the generator's re-masked samples, on fixed randomness, falls."""
-  _, _, teacher, _, tx_g, tx_a, step = setup
-  state = jax.jit(lambda p: distill._state_from(p, tx_g, tx_a, jax.random.key(0)))(teacher)
-  state = state.replace(gen_params=_jitter(state.gen_params, jax.random.key(2), 0.2))
+  _, _, teacher, _, start, _, step = setup
+  state = start(teacher)
+  state = state.replace(params={**state.params, "generator": _jitter(
+      state.params["generator"], jax.random.key(2), 0.2)})
 
   def probe(s):   # the step's own metrics on fixed keys (step 0), averaged over 3 keys
     vals = []
     for i in range(3):
       _, m = step(s.replace(step=jnp.zeros((), jnp.int32),
-                            key=jax.random.key_data(jax.random.key(50 + i))), teacher)
+                            key=jax.random.key_data(jax.random.key(50 + i))), {})
       vals.append(float(m["teacher_nll"]))
     return float(np.mean(vals))
 
   before = probe(state)
   for _ in range(30):
-    state, m = step(state, teacher)
+    state, m = step(state, {})
   after = probe(state)
   assert after < 0.6 * before, (before, after)
   assert int(state.step) == 30 and np.isfinite(float(m["aux_loss"]))
@@ -310,7 +314,7 @@ def test_bad_distill_config_is_rejected(key, value, match):
 def test_cli_distill_resume_and_evaluate(tmp_path):
   from PIL import Image
   from mdm_jax.data import build_data as make_text_data
-  from mdm_jax.metrics import classifier as eval_images
+  from mdm_jax.trainers.classifier import train_classifier
   from mdm_jax.cli import eval_images as eval_images_cli
   from mdm_jax.data import images
   rng = np.random.default_rng(0)
@@ -340,7 +344,7 @@ def test_cli_distill_resume_and_evaluate(tmp_path):
   ck.save(5, state, None, to_dict(c), force=True)
   ck.close()
   clf_dir = str(tmp_path / "clf")
-  eval_images.train_classifier(data.images("train"), data.train_labels, data.num_classes,
+  train_classifier(data.images("train"), data.train_labels, data.num_classes,
                                steps=3, batch_size=8, path=clf_dir)
 
   env = dict(os.environ)

@@ -4,7 +4,9 @@ The family below is defined here, in the test file alone: a *learned* per-digit 
 (one learned exponent per Prime digit slot, alpha_j(t) = 1 - t**w_j).  It is selected by
 ``config.schedule.name`` and trained by the unchanged train loop for a few steps; its
 parameters travel in ``params["schedule"]``, get gradients through the RLOO estimator and
-are checkpointed with the model.
+are checkpointed with the model.  It writes only its mask probabilities: the ELBO weight
+(``jax.jvp``) and ``log_q`` (the Bernoulli law of the masks) come from ``Schedule``'s
+defaults, and being registered is enough for the conformance check to cover it.
 """
 
 import json
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 
 from mdm_jax.configs.shakespeare_prime import get_config
-from mdm_jax.diffusion.schedules import SCHEDULES, Schedule
+from mdm_jax.diffusion import prime
+from mdm_jax.diffusion.schedules import SCHEDULES, Schedule, conformance
 from mdm_jax.trainers.loop import train_and_evaluate
 from mdm_jax.trainers.setup import restore_for_inference
 
@@ -36,6 +39,7 @@ class SlotExponents(nn.Module):
 class LearnedSlotSchedule(Schedule):
   """alpha_j(t) = 1 - t**w_j, log w_j learned (one per digit slot j)."""
   per_position = True
+  per_digit_hazards = True
   learned = True
   num_masks = 2
   calls = 0
@@ -58,18 +62,8 @@ class LearnedSlotSchedule(Schedule):
     t = jnp.asarray(t, jnp.float32)[:, None, None]
     return jnp.broadcast_to(jnp.exp(self._w(params) * jnp.log(t)), (t.shape[0], length, self.ell))
 
-  def weight_ij(self, params, t, length):
-    t = jnp.asarray(t, jnp.float32)[:, None, None]
-    return jnp.broadcast_to(self._w(params) / t, (t.shape[0], length, self.ell))
-
   def alpha(self, t):
     return 1.0 - jnp.asarray(t, jnp.float32)
-
-  def log_q(self, params, t, masked):
-    t = jnp.asarray(t, jnp.float32)[:, None, None]
-    log_m = self._w(params) * jnp.log(t)
-    log_keep = jnp.log(jnp.maximum(-jnp.expm1(log_m), 1e-30))
-    return jnp.sum(jnp.where(masked, log_m, log_keep), axis=(1, 2))
 
 
 @pytest.fixture
@@ -100,6 +94,14 @@ def test_a_schedule_family_from_a_test_file_trains_with_the_unchanged_loop(regis
   assert np.all(np.isfinite(log_w)) and np.any(log_w != 0.0)   # it learned (RLOO gradient)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["schedule"]["name"] == NAME
+
+
+@pytest.mark.parametrize("ell", [1, 2])
+def test_a_registered_family_passes_the_conformance_check(registered, ell):
+  """The check the suite runs over every registered name, on this family."""
+  assert NAME in dict(SCHEDULES.items())
+  report = conformance.check_registered(NAME, prime.PrimeCodec.create(4, ell))
+  assert report["weight_rel_error"] < 1e-3 and report["log_q_error"] < 1e-5, report
 
 
 def test_an_unregistered_family_names_the_registered_ones():

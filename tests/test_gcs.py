@@ -224,7 +224,7 @@ def test_gs_workdir_killed_resumes_from_the_bucket_with_identical_losses(gcs, tm
 def test_array_record_shards_in_a_bucket_train_like_local_ones(gcs, tmp_path):
   """data.path=gs://...: the shards written by prepare, copied into the bucket, give the
   same per-step losses as the same shards on a local disk."""
-  from mdm_jax.data import array_record as ar  # pylint: disable=import-outside-toplevel
+  from mdm_jax.data import array_record_prepare as ar  # pylint: disable=import-outside-toplevel
   from mdm_jax.data import shakespeare_text  # pylint: disable=import-outside-toplevel
   from mdm_jax.configs.base import get_base_config  # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "small.txt"

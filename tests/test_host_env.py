@@ -1,4 +1,4 @@
-"""The tuned glibc malloc (mdm_jax/host_env.py): when it applies, and that the re-exec sets it."""
+"""The tuned glibc malloc (mdm_jax/core/host_env.py): when it applies, that the re-exec sets it."""
 
 import os
 import subprocess

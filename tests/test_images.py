@@ -17,6 +17,7 @@ from mdm_jax.core.errors import ConfigError
 
 from mdm_jax.tasks import validate_config
 from mdm_jax.metrics import classifier as eval_images
+from mdm_jax.trainers.classifier import train_classifier
 from mdm_jax.metrics import frechet, inception
 from mdm_jax.tasks import build_task
 from mdm_jax.data import images
@@ -225,7 +226,7 @@ def test_classifier_features_and_save_load(tmp_path):
   x = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
   y = (x.reshape(64, -1).mean(1) > 127.5).astype(np.int32)     # brightness classes
   x[y == 1] = np.clip(x[y == 1].astype(int) + 60, 0, 255)
-  clf = eval_images.train_classifier(x, y, 2, steps=60, batch_size=32, width=8, feature_dim=16,
+  clf = train_classifier(x, y, 2, steps=60, batch_size=32, width=8, feature_dim=16,
                                      path=str(tmp_path / "clf"), eval_images=x, eval_labels=y)
   f = clf.features(x[:10], batch_size=8)
   assert f.shape == (10, 16) and f.dtype == np.float64 and np.isfinite(f).all()

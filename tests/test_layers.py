@@ -2,16 +2,19 @@
 
 The contract lives in pyproject.toml ([tool.importlinter]) and reads
 
-  entry points (mdm_jax.main, python -m mdm_jax)
+  entry points (mdm_jax.main, python -m mdm_jax, mdm_jax.lm_eval)
   > cli | benchmarks > trainers > tasks > data | networks | sampling
   > diffusion | metrics | pictures > core  (> configs, plain ml_collections files)
 
-Every import counts, including ones inside functions.  The checks are run on a small
-package with a violation and a cycle too, so that they are known to be able to fail.
+Every import counts, including ones inside functions, and ``from P import m`` counts as
+an import of the package P too (it runs and reads P's ``__init__``).  The checks are run
+on small packages with a violation and cycles too, so that they are known to be able to
+fail.
 """
 
 import ast
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,15 +36,56 @@ LAYERS = [
     ["mdm_jax.tasks"],
     ["mdm_jax.trainers"],
     ["mdm_jax.cli", "mdm_jax.benchmarks"],
-    ["mdm_jax.main", "mdm_jax.eval_images", "mdm_jax.eval_gaussian"],
+    ["mdm_jax.main", "mdm_jax.eval_images", "mdm_jax.eval_gaussian", "mdm_jax.lm_eval"],
 ]
 
 
+def _module_file(graph, module: str):
+  """The source file of ``module`` (a package's ``__init__.py``), found from the root's path."""
+  root = module.split(".")[0]
+  top = os.path.dirname(importlib.util.find_spec(root).origin)
+  rel = module.split(".")[1:]
+  if module == "mdm_jax.configs" or module.startswith("mdm_jax.configs."):   # the symlinked folder
+    top, rel = os.path.join(REPO, "configs"), rel[1:]
+  base = os.path.join(top, *rel)
+  for path in (os.path.join(base, "__init__.py"), base + ".py"):
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def namespace_imports(graph, package: str):
+  """(module, P) for every ``from P import ...`` where P is a package of ``package``.
+
+  grimp records ``from mdm_jax.data import corpora`` as an import of the module
+  ``mdm_jax.data.corpora`` only; the statement also runs and reads the package
+  ``mdm_jax.data`` itself, so a cycle through a package's ``__init__`` counts.
+  """
+  mods = set(graph.modules)
+  packages = {m for m in mods if (_module_file(graph, m) or "").endswith("__init__.py")}
+  edges = set()
+  for m in sorted(mods):
+    path = _module_file(graph, m)
+    if path is None:
+      continue
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in packages \
+          and node.module != m and node.module.split(".")[0] == package.split(".")[0]:
+        edges.add((m, node.module))
+  return edges
+
+
 def import_cycles(package: str):
-  """Strongly connected components (size > 1, or a module importing itself) of the import graph."""
+  """Strongly connected components (size > 1, or a module importing itself) of the import graph.
+
+  The graph is grimp's plus ``namespace_imports`` (``from P import m`` is an import of P).
+  """
   graph = grimp.build_graph(package)
   mods = sorted(graph.modules)
-  adj = {m: sorted(set(graph.find_modules_directly_imported_by(m)) & set(mods)) for m in mods}
+  adj = {m: set(graph.find_modules_directly_imported_by(m)) & set(mods) for m in mods}
+  for m, p in namespace_imports(graph, package):
+    adj[m].add(p)
+  adj = {m: sorted(v) for m, v in adj.items()}
   index, low, stack, on_stack, cycles = {}, {}, [], set(), []
   counter = [0]
 
@@ -193,3 +237,32 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(root)
   assert lint(os.path.join(root, "setup.cfg"), root) == lint_cli.EXIT_STATUS_ERROR
   assert import_cycles("toypkg") == [["toypkg.high.b", "toypkg.low.a"]]
+
+
+def test_a_cycle_through_a_package_namespace_is_caught(tmp_path, monkeypatch):
+  """The shape of the cycle data/__init__ -> array_record -> (a local import) tfds_builders
+  -> ``from mdm_jax.data import corpora`` had: grimp alone does not see it."""
+  root = str(tmp_path)
+  _write(root, "nspkg/__init__.py")
+  _write(root, "nspkg/data/__init__.py", "from nspkg.data import reader\n")
+  _write(root, "nspkg/data/corpora.py")
+  _write(root, "nspkg/data/reader.py", """
+      def open_builders():
+        from nspkg.data import builders  # a local import
+        return builders
+  """)
+  _write(root, "nspkg/data/builders/__init__.py", "from nspkg.data import corpora\n")
+  monkeypatch.syspath_prepend(root)
+  graph = grimp.build_graph("nspkg")
+  assert not graph.find_shortest_chain("nspkg.data.builders", "nspkg.data")   # grimp: no edge
+  assert namespace_imports(graph, "nspkg") == {("nspkg.data.builders", "nspkg.data"),
+                                               ("nspkg.data.reader", "nspkg.data")}
+  assert import_cycles("nspkg") == [["nspkg.data", "nspkg.data.builders", "nspkg.data.reader"]]
+  # Importing the sibling by module path, as mdm_jax.data's modules do, removes it.
+  _write(root, "nspkg/data/builders/__init__.py", "import nspkg.data.corpora as corpora\n")
+  _write(root, "nspkg/data/reader.py", """
+      def open_builders():
+        import nspkg.data.builders as builders
+        return builders
+  """)
+  assert import_cycles("nspkg") == []

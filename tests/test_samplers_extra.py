@@ -33,7 +33,7 @@ from mdm_jax.tasks import validate_config
 from mdm_jax import sampling
 from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.self_correction import remdm_alpha
-from mdm_jax.diffusion.schedules import linear
+from mdm_jax.diffusion.schedules import Schedule, linear
 from tests.test_sampling import (EPS, P_MIN, chi2_pvalue, dummy_apply_fn, joint_counts,
                                  oracle_apply_fn, random_apply_fn, random_joint, rkey)
 
@@ -353,7 +353,7 @@ def test_remdm_zero_sigma_is_ancestral(ell):
   assert int(r.aux["remasked"]) == 0
 
 
-class _PositionSchedule:
+class _PositionSchedule(Schedule):
   """A stand-in per-position schedule (the interface ancestral_sample reads):
   alpha_i(t) = 1 - t**w_i, population alpha = 1 - t."""
   per_position = True

@@ -13,7 +13,7 @@ from mdm_jax.core.errors import ConfigError
 from mdm_jax.tasks import validate_config
 from mdm_jax import data as data_lib
 from mdm_jax.diffusion import prime
-from mdm_jax.data import array_record as ar
+from mdm_jax.data import array_record_prepare as ar
 from mdm_jax.data import text as text_lib
 from mdm_jax.data import token_order
 from mdm_jax.data import tokenizers as tokenizers_lib

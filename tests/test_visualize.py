@@ -1,4 +1,4 @@
-"""Tests for mdm_jax.visualize: partial-masking states and pictures."""
+"""Tests for mdm_jax.pictures.masking: partial-masking states and pictures."""
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +132,47 @@ def test_on_a_real_ancestral_trajectory(tmp_path):
   back = read_png(str(tmp_path / f"step_{len(traj) - 1:03d}.png"))
   np.testing.assert_array_equal(back, visualize.masking_frame(
       traj[-1], codec.mask_id, traj[-2], ncols=6))
+
+
+def _trajectory(steps=9, length=12, seed=0):
+  """A made-up ell = 2 trajectory [steps, L, 2]: all masked, then digits revealed at random."""
+  rng = np.random.default_rng(seed)
+  tr = np.full((steps, length, 2), M)
+  order = rng.permutation(length * 2)
+  for s in range(1, steps):
+    k = (length * 2 * s) // (steps - 1)
+    tr[s].reshape(-1)[order[:k]] = rng.integers(0, CODEC.base, k)
+  return tr
+
+
+def test_masking_figure_has_axes_legend_and_a_title_with_sampler_and_ell():
+  tr = _trajectory()
+  fig = visualize.masking_figure(tr, M, sampler="first_hitting", ell=2)
+  title = visualize.figure_title(fig)
+  assert "first_hitting" in title and "\u2113 = 2" in title and "8 steps" in title
+  (ax,) = fig.axes
+  assert "position" in ax.get_xlabel() and "step" in ax.get_ylabel()
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert labels == ["masked", "partly observed (its known digits)", "visible (token known)"]
+  # Rows are steps top to bottom, columns token positions.
+  assert ax.get_ylim() == (8.5, -0.5) and ax.get_xlim() == (-0.5, 11.5)
+  # ell = 1: no token can be partly observed, so the legend leaves that state out.
+  fig1 = visualize.masking_figure(tr[..., :1], M, sampler="ancestral")
+  assert "\u2113 = 1" in visualize.figure_title(fig1)
+  assert len(fig1.axes[0].get_legend().get_texts()) == 2
+  with pytest.raises(ValueError, match="ell=3"):
+    visualize.masking_figure(tr, M, ell=3)
+
+
+def test_masking_picture_png_is_readable_and_larger_than_the_bare_timeline(tmp_path):
+  tr = _trajectory()
+  img = visualize.masking_picture(tr, M, sampler="ancestral")
+  path = write_png(str(tmp_path / "step_8_masking.png"), img)
+  back = read_png(path)
+  np.testing.assert_array_equal(back, img)
+  bare = visualize.masking_timeline(tr, M, scale=4)   # what the run wrote before
+  assert back.shape[0] >= 500 and back.shape[1] >= 900
+  assert back.shape[0] > 5 * bare.shape[0] and back.shape[1] > 5 * bare.shape[1]
+  colours = {tuple(c) for c in back.reshape(-1, 3)}
+  col = visualize.COLOURS
+  assert {col["masked"], col["partial"], col["complete"]} <= colours

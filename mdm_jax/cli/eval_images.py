@@ -36,6 +36,7 @@ from mdm_jax.metrics import classifier as classifier_lib
 from mdm_jax.metrics import inception
 from mdm_jax.pictures.pixels import image_grid, write_png
 from mdm_jax.trainers import distill
+from mdm_jax.trainers.classifier import train_classifier
 from mdm_jax.trainers.setup import restore_for_inference
 from mdm_jax.trainers.steps import evaluate, make_eval_step
 
@@ -158,10 +159,11 @@ def main(argv):
     if data.train_labels is None or data.num_classes < 2:
       raise SystemExit(f"error: {config.data.dataset} has no class labels to train the feature "
                        "classifier on; train it on a labelled dataset of the same image size.")
-    clf = classifier_lib.train_classifier(data.images("train"), data.train_labels, data.num_classes,
+    # On the common train loop: checkpointed in DIR/checkpoints, a re-run resumes.
+    clf = train_classifier(data.images("train"), data.train_labels, data.num_classes,
                            steps=f.classifier_steps, batch_size=f.classifier_batch,
                            path=path, eval_images=data.images("eval"),
-                           eval_labels=data.eval_labels, log_every=100)
+                           eval_labels=data.eval_labels, log_every=100, config=config)
     print(json.dumps({"path": os.path.abspath(path), **clf.meta}, indent=2))
     return
   if not f.workdir or not f.classifier_path:

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from mdm_jax.core import distributed, paths
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.flags import flags_parser
-from mdm_jax.data import array_record
+from mdm_jax.data import array_record_prepare
 from mdm_jax.metrics import gen_ppl
 from mdm_jax.trainers import distill, inference, loop
 from mdm_jax.trainers.checkpoint import CheckpointError
@@ -56,6 +56,10 @@ _TEACHER = flags.DEFINE_string("teacher_workdir", None, "distill: the trained di
                                "distil (its config must be --config); output goes to --workdir.")
 _TEXTS = flags.DEFINE_list("texts", [], "score: samples files to score (samples/step_N.json or "
                           ".txt, or any text file), comma-separated.")
+_SCORER = flags.DEFINE_string(
+    "scorer", "", "score: gpt2:FOLDER scores with the GPT-2 in a local Hugging Face folder "
+    "(e.g. a copy of gpt2-large; the peers' protocol, docs/evaluation.md) instead of the AR "
+    "run in --workdir.")
 # ---- prepare mode (see docs/data.md); the tokenizer, seq_len and eval_fraction come from --config.
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: the dataset directory to write.")
 _SOURCE = flags.DEFINE_string(
@@ -82,7 +86,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare: replace an existing
 def run_prepare(config, output: str) -> dict:
   """--mode=prepare: writes the ArrayRecord dataset; returns a summary (printed as JSON)."""
   progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-  meta = array_record.prepare(
+  meta = array_record_prepare.prepare(
       config.data, output, source=_SOURCE.value, source_config=_SOURCE_CONFIG.value,
       train_split=_TRAIN_SPLIT.value, eval_split=_EVAL_SPLIT.value, text_key=_TEXT_KEY.value,
       max_documents=_MAX_DOCS.value, tfds_data_dir=_TFDS_DATA_DIR.value,
@@ -108,11 +112,15 @@ def run_score(config, workdir: str, paths) -> dict:
   if not paths:
     raise app.UsageError("--mode=score needs --texts=FILE[,FILE...] (e.g. "
                          "runs/prime/samples/step_1600.json).")
-  if config.objective != "ar":
+  if _SCORER.value:
+    scorer = inference.load_scorer(_SCORER.value)
+  elif config.objective != "ar":
     raise ConfigError(f"--mode=score scores with the AR run in --workdir; --config has "
                       f"objective={config.objective!r}. Pass the AR run's config, e.g. "
-                      "--config=shakespeare_ar (configs/shakespeare_ar.py).")
-  scorer = inference.load_scorer(workdir, config)   # checks --config against the checkpoint
+                      "--config=shakespeare_ar (configs/shakespeare_ar.py), or pass "
+                      "--scorer=gpt2:FOLDER.")
+  else:
+    scorer = inference.load_scorer(workdir, config)   # checks --config against the checkpoint
   try:
     results = gen_ppl.score_files(scorer, paths)
   except gen_ppl.ScoreError as e:
@@ -137,7 +145,7 @@ def main(argv):
       raise app.UsageError("--mode=prepare needs --output=DIR (the dataset directory to write).")
     try:
       result = run_prepare(_CONFIG.value, _OUTPUT.value)
-    except (array_record.PrepareError, FileNotFoundError) as e:
+    except (array_record_prepare.PrepareError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     print(json.dumps(result, indent=2, default=str))

@@ -25,9 +25,9 @@ import grain
 import numpy as np
 
 from mdm_jax.core import paths
-from mdm_jax.data import corpora
-from mdm_jax.data import token_order as token_order_lib
-from mdm_jax.data import tokenizers as tokenizers_lib
+import mdm_jax.data.corpora as corpora
+import mdm_jax.data.token_order as token_order_lib
+import mdm_jax.data.tokenizers as tokenizers_lib
 from mdm_jax.data.base import DATASETS, Data
 from mdm_jax.data.batching import as_example, process_eval_batches, process_train_batches
 from mdm_jax.metrics.text import corpus_vocabulary, known_bigram_rate, known_word_rate

@@ -26,7 +26,7 @@ from absl import logging
 import numpy as np
 
 from mdm_jax.core import paths
-from mdm_jax.data import token_order as token_order_lib
+import mdm_jax.data.token_order as token_order_lib
 
 REPLACEMENT_CHAR = "\ufffd"
 TOKENIZER_FILE = "tokenizer.json"

@@ -6,8 +6,9 @@ over an evaluation set, always normalised by the number of *original* tokens
 (never by L * ell).
 
 Continuous-time masked-diffusion ELBO (MDLM / MD4 form), for per-element schedules
-alpha_ij (``mdm_jax.diffusion.schedules``; a univariate schedule is the broadcast case
-where every element has the same alpha):
+alpha_ij (``mdm_jax.diffusion.schedules``; ``Schedule.hazards`` gives the mask
+probabilities and weights, which broadcast onto the [B, L, ell] elements, so a
+univariate schedule is the case where every element has the same alpha):
 
     NELBO(x) = int_0^1 E_{y_t ~ q(.|x)} [ sum_{masked ij} w_ij(t) * -log p(x_ij | y_t) ] dt,
     w_ij(t) = -alpha_ij'(t) / (1 - alpha_ij(t)).
@@ -48,8 +49,9 @@ exponents; docs/method/algorithms.md §2.5).  Evaluation uses one mask.
 Value-dependent schedules (``schedule.value_dependent``, GenMD4): an element holding value
 x is masked with probability t**w_x, so the model's unmasking rate to value d is
 w_d p(d | y_t) / t and each masked element costs (1/t) [w_x (-log p(x)) - w_x +
-sum_d w_d p(d)] (``value_dependent_terms``; p is the element's digit marginal), with
-GenMD4's reconstruction term for [0, t_min] (``schedule.reconstruction``).
+sum_d w_d p(d)] (``value_element_costs`` with the schedule's ``value_weights``; p is the
+element's digit marginal), with GenMD4's reconstruction term for [0, t_min]
+(``schedule.reconstruction``).
 
 The t-free order estimator (``schedule.estimator == "order"``, ``order_loss``) replaces
 the time draw by a Plackett-Luce prefix of the decoding order in training
@@ -307,10 +309,11 @@ def draw_masks(key: Array, digits: Array, p_mask: Array, mask_id: int,
 def reconstruction_bound(schedule: Schedule, t_min: float, length: int,
                          codec: prime_lib.PrimeCodec, params: Any = None) -> Array:
   """Exact cost of [0, t_min] when the digits still masked at t_min are filled
-  uniformly: E[#masked digits] * log b.  Tiny (t_min = 1e-3) but keeps the bound strict."""
-  p = schedule.mask_prob_ij(params, jnp.full((1,), t_min, jnp.float32), length)   # [1, L|1, S|1]
-  return (jnp.sum(p) * (length // p.shape[1]) * (codec.ell // p.shape[2])
-          * math.log(codec.base))
+  uniformly: E[#masked digits] * log b (a value-free schedule; the value of
+  ``Schedule.reconstruction`` for any sequence).  Tiny (t_min = 1e-3) but keeps the
+  bound strict."""
+  p = schedule.hazards(params, jnp.full((1,), t_min, jnp.float32), length).mask_prob
+  return jnp.sum(jnp.broadcast_to(p, (1, length, codec.ell))) * math.log(codec.base)
 
 
 def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
@@ -341,8 +344,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   """
   chex.assert_rank(tokens, 2)
   schedule.check(cfg, codec)
-  value_dependent = getattr(schedule, "value_dependent", False)   # duck-typed schedules lack it
-  if train and getattr(schedule, "estimator", "time") == "order":
+  if train and schedule.estimator == "order":
     return order_loss(apply_fn, params, tokens, key, codec=codec, schedule=schedule, cfg=cfg,
                       t=t, row_ids=row_ids, num_masks=num_masks, split=split)
   bsz, length = tokens.shape
@@ -353,10 +355,8 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
     num_masks = schedule.num_masks if (train and schedule.learned) else 1
   digits = codec.encode(tokens)
   grouped = (t > cfg.chunk_point) if cfg.chunk_point < 1.0 and codec.ell > 1 else None
-  if value_dependent:                                                    # [B, L, S]
-    p_mask = jax.lax.stop_gradient(schedule.value_mask_prob(params, t, digits))
-  else:
-    p_mask = jax.lax.stop_gradient(schedule.mask_prob_ij(params, t, length))   # [B, L|1, S|1]
+  hazards = schedule.hazards(params, t, length, digits)              # each -> [B, L, ell]
+  p_mask = jax.lax.stop_gradient(hazards.mask_prob)
   keys = [k_m] + [jax.random.fold_in(k_m, j) for j in range(1, num_masks)]
   noisy = jnp.concatenate([draw_masks(k, digits, p_mask, codec.mask_id, row_ids, grouped)
                            for k in keys], axis=0)                      # [K B, L, ell]
@@ -366,46 +366,46 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
   clean = jnp.tile(digits, (num_masks, 1, 1)) if num_masks > 1 else digits
   masked = noisy == codec.mask_id
 
-  def terms(fn):          # fn(logits, noisy, clean) per position, over all K B rows
-    return position_terms(apply_fn, params, noisy, tt, fn, (noisy, clean), train=train,
+  def terms(fn, *side):   # fn(logits, noisy, clean, *side) per position, over all K B rows
+    return position_terms(apply_fn, params, noisy, tt, fn, (noisy, clean) + side, train=train,
                           rng=k_net, split=split)
 
-  def token_nll(lg, nz, cl):
-    return prime_token_nll(lg, nz, cl, codec, cfg.form, cfg.carry_over)
+  def tile(a):            # [B, ...] -> [K B, ...]
+    return jnp.tile(a, (num_masks,) + (1,) * (a.ndim - 1)) if num_masks > 1 else a
 
   if cfg.weighting == "flat":
     # Mean cross-entropy over the partly masked tokens, scaled to a sequence:
     # not a bound, but free of the 1/t weight's spikes at small batch sizes.
-    nll = terms(token_nll)
+    nll = terms(lambda lg, nz, cl: prime_token_nll(lg, nz, cl, codec, cfg.form, cfg.carry_over))
     n = jnp.sum(jnp.any(masked, axis=-1), axis=-1).astype(jnp.float32)
     f = (jnp.sum(nll, axis=-1) * length / jnp.maximum(n, 1.0)).reshape(num_masks, bsz)
     loss = jnp.mean(f, axis=0)
-  elif value_dependent:
-    w = schedule.exponents(params)
-    f = jnp.sum(terms(lambda lg, nz, cl: value_dependent_elements(
-        lg, nz, cl, w, tt, codec, cfg.carry_over)), axis=(1, 2)) * (1.0 - cfg.t_min)
-    f = f.reshape(num_masks, bsz)
-    loss = jnp.mean(f, axis=0) + schedule.reconstruction(params, cfg.t_min, digits)
   else:
-    weight = schedule.weight_ij(params, t, length) * (1.0 - cfg.t_min)  # [B, L|1, S|1]
-    tile = lambda w: jnp.tile(w, (num_masks,) + (1,) * (w.ndim - 1)) if num_masks > 1 else w
-    if weight.shape[2] > 1 and codec.ell > 1:     # a weight per digit: each masked digit alone
-      nll = terms(lambda lg, nz, cl: jnp.where(nz == codec.mask_id, digit_marginal_nll(
-          lg, nz if cfg.carry_over else None, cl, codec), 0.0))          # [K B, L, ell]
-      f = jnp.sum(tile(jnp.broadcast_to(weight, (bsz, length, codec.ell))) * nll, axis=(1, 2))
+    # One sum over elements: sum_ij w_ij(t) cost_ij, the weights broadcast from the
+    # schedule's [B, L|1, ell|1] onto the costs [K B, L, ell].
+    if schedule.value_dependent:
+      # The cost carries the rate of every value: w_x (-log p(x)) - w_x + sum_d w_d p(d).
+      rates = tile(jnp.broadcast_to(schedule.value_weights(params, t),
+                                    (bsz, length, codec.ell, codec.base)))
+      weight = jnp.ones((), jnp.float32)
+      cost = terms(lambda lg, nz, cl, r: value_element_costs(lg, nz, cl, r, codec,
+                                                             cfg.carry_over), rates)
+    elif cfg.form == "joint":
+      # One cost per token, -log p(x0_i | y_t), weighted by its (shared) hazard:
+      # ``Schedule.check`` refuses per-digit hazards with this form.
+      weight = tile(hazards.weight[:, :, :1])
+      cost = terms(lambda lg, nz, cl: prime_token_nll(lg, nz, cl, codec, "joint",
+                                                      cfg.carry_over))[..., None]
     else:
-      nll = terms(token_nll)                                            # [K B, L]
-      if weight.shape[1] == 1:                    # univariate: one weight per sequence
-        f = tile(weight[:, 0, 0]) * jnp.sum(nll, axis=-1)
-      else:
-        f = jnp.sum(tile(weight[..., 0]) * nll, axis=-1)
+      weight = tile(hazards.weight)
+      cost = terms(lambda lg, nz, cl: jnp.where(nz == codec.mask_id, digit_marginal_nll(
+          lg, nz if cfg.carry_over else None, cl, codec), 0.0))      # [K B, L, ell]
+    f = jnp.sum(weight * cost, axis=(1, 2)) * (1.0 - cfg.t_min)
     f = f.reshape(num_masks, bsz)
-    loss = (f[0] if num_masks == 1 else jnp.mean(f, axis=0)) + reconstruction_bound(
-        schedule, cfg.t_min, length, codec, params)
+    loss = (f[0] if num_masks == 1 else jnp.mean(f, axis=0)) + schedule.reconstruction(
+        params, cfg.t_min, digits, codec)
   if num_masks >= 2 and schedule.learned:        # RLOO score term, zero value
-    # Only value-dependent schedules take the clean digits (older schedules: 3 arguments).
-    log_q = (schedule.log_q(params, tt, masked, clean) if value_dependent
-             else schedule.log_q(params, tt, masked)).reshape(num_masks, bsz)
+    log_q = schedule.log_q(params, tt, masked, clean).reshape(num_masks, bsz)
     loss = loss + rloo_score(f, log_q)
   return loss, _mask_metrics(masked[:bsz], schedule, params, length)
 
@@ -445,13 +445,21 @@ def value_dependent_terms(logits: Array, noisy: Array, clean: Array, w: Array, t
 def value_dependent_elements(logits: Array, noisy: Array, clean: Array, w: Array, t: Array,
                              codec: prime_lib.PrimeCodec, carry_over: bool = True) -> Array:
   """The element costs of ``value_dependent_terms`` [B, L, ell] (0 where observed)."""
+  return value_element_costs(logits, noisy, clean, w[None, None] / t[:, None, None, None],
+                             codec, carry_over)
+
+
+def value_element_costs(logits: Array, noisy: Array, clean: Array, rates: Array,
+                        codec: prime_lib.PrimeCodec, carry_over: bool = True) -> Array:
+  """Element costs [B, L, ell] (0 where observed) for value weights ``rates`` [B, L|1, ell, b]
+  (``Schedule.value_weights``): h_x (-log p(x)) - h_x + sum_d h_d p(d), with h the weight
+  of each value and p the element's digit marginal; h_x (-log p(x)) when h is constant."""
   lp = codec.digit_log_marginals(codec.restricted_code_logprobs(
       logits, noisy if carry_over else None))                          # [B, L, ell, b]
-  slots = jnp.arange(codec.ell)
-  w_x = w[slots, clean]                                                # [B, L, ell]
+  h_x = jnp.take_along_axis(rates, clean[..., None], axis=-1)[..., 0]  # [B, L, ell]
   lp_x = jnp.take_along_axis(lp, clean[..., None], axis=-1)[..., 0]
-  rate = jnp.sum(jnp.exp(lp) * w, axis=-1)
-  term = (w_x * (-lp_x) - w_x + rate) / t[:, None, None]
+  rate = jnp.sum(jnp.exp(lp) * rates, axis=-1)
+  term = h_x * (-lp_x) - h_x + rate
   return jnp.where(noisy == codec.mask_id, term, 0.0)
 
 

@@ -1,7 +1,8 @@
 """A Frechet distance on the project's own classifier, and bits/dim, for image models.
 
 No Inception network can be downloaded here, so the feature network is a small CNN that
-the project trains itself on the same dataset (``train_classifier``).  The reported
+the project trains itself on the same dataset (``trainers.classifier.train_classifier``,
+a task on the common train loop: ``tasks.classifier``).  The reported
 number is the **classifier Frechet distance** ("FD-<dataset>-cnn"), computed exactly
 like FID (``frechet.py``) but on different features: it is NOT comparable with published
 FID numbers and is never called FID.  ``inception.standard_fid`` (Inception weights read
@@ -21,16 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mdm_jax.metrics.frechet import frechet_distance_of_features
 
@@ -55,7 +53,7 @@ class SmallCNN(nn.Module):
     return nn.Dense(self.num_classes, name="logits")(f)
 
 
-def _to_float(images) -> jnp.ndarray:
+def to_float(images) -> jnp.ndarray:
   return jnp.asarray(images, jnp.float32) / 255.0 - 0.5
 
 
@@ -66,9 +64,9 @@ class Classifier:
     self.params, self.meta = params, dict(meta)
     self.module = SmallCNN(int(meta["num_classes"]), int(meta.get("width", 32)),
                            int(meta.get("feature_dim", 128)))
-    self._feat = jax.jit(lambda p, x: self.module.apply({"params": p}, _to_float(x),
+    self._feat = jax.jit(lambda p, x: self.module.apply({"params": p}, to_float(x),
                                                         features=True))
-    self._logits = jax.jit(lambda p, x: self.module.apply({"params": p}, _to_float(x)))
+    self._logits = jax.jit(lambda p, x: self.module.apply({"params": p}, to_float(x)))
 
   def _batched(self, fn, images, batch_size: int) -> np.ndarray:
     images = np.asarray(images, np.uint8)
@@ -115,57 +113,6 @@ class Classifier:
     with open(os.path.join(path, "params.msgpack"), "rb") as f:
       params = flax.serialization.from_bytes(template, f.read())
     return cls(params, meta)
-
-
-def train_classifier(images, labels, num_classes: int, *, steps: int = 1000,
-                     batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
-                     width: int = 32, feature_dim: int = 128, path: Optional[str] = None,
-                     eval_images=None, eval_labels=None, log_every: int = 0) -> Classifier:
-  """Trains the feature CNN with Adam on (uint8 [N, H, W, C], int labels); optionally saves it.
-
-  Random horizontal flips are used as augmentation.  ``meta`` records the test
-  accuracy when ``eval_images`` / ``eval_labels`` are given.
-  """
-  images = np.asarray(images, np.uint8)
-  labels = np.asarray(labels, np.int32)
-  if labels.max() >= num_classes:
-    raise ValueError(f"labels go up to {labels.max()} but num_classes={num_classes}.")
-  module = SmallCNN(int(num_classes), int(width), int(feature_dim))
-  params = module.init(jax.random.key(seed), _to_float(images[:1]))["params"]
-  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, max(int(steps), 1), 0.05))
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, x, y):
-    def loss_fn(p):
-      logits = module.apply({"params": p}, _to_float(x))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    upd, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, upd), opt, loss
-
-  rng = np.random.default_rng(seed)
-  bs = min(int(batch_size), len(images))
-  t0 = time.time()
-  loss = float("nan")
-  for i in range(int(steps)):
-    idx = rng.integers(0, len(images), bs)
-    x = images[idx]
-    flip = rng.random(bs) < 0.5
-    x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    params, opt, loss = step(params, opt, x, labels[idx])
-    if log_every and (i + 1) % log_every == 0:
-      print(f"classifier step {i + 1}/{steps}: loss {float(loss):.4f}", file=sys.stderr,
-            flush=True)
-  meta = {"num_classes": int(num_classes), "width": int(width), "feature_dim": int(feature_dim),
-          "image_shape": list(images.shape[1:]), "steps": int(steps), "train_loss":
-          float(loss), "train_seconds": time.time() - t0, "num_train": int(len(images))}
-  clf = Classifier(params, meta)
-  if eval_images is not None and eval_labels is not None:
-    clf.meta["test_accuracy"] = clf.accuracy(eval_images, eval_labels)
-  if path:
-    clf.save(path)
-  return clf
 
 
 def classifier_frechet_distance(classifier: Classifier, images_a, images_b) -> float:

@@ -431,7 +431,7 @@ class DiT(nn.Module):
     ``features_only``: the final features [B, L, D] instead (the input of ``dit_head``).
 
     ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, d_model]: the token
-    embeddings are perturbed by ``perturb_embeddings`` (Di[M]O, ``mdm_jax/distill.py``).
+    embeddings are perturbed by ``perturb_embeddings`` (Di[M]O, docs/method/algorithms.md §5).
     """
     cfg = self.cfg
     if digits.ndim != 3 or digits.shape[-1] != cfg.ell:

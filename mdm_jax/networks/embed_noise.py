@@ -1,4 +1,5 @@
-"""Gaussian perturbation of input embeddings (Di[M]O's token initialisation, mdm_jax/distill.py).
+"""Gaussian perturbation of input embeddings (Di[M]O's token initialisation,
+docs/method/algorithms.md §5).
 
 The backbones (``DiT``, ``ImageDiT``) take ``embed_noise=(sigma, eps)`` and replace
 every input token embedding e by ``sigma * eps + sqrt(1 - sigma^2) * e``.

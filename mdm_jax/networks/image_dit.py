@@ -13,7 +13,7 @@ digits, so the input is ``[B, L, ell]`` exactly as for text and the output is
 2. the ``p x p x C`` pixel-channel vectors of a patch are concatenated and
    projected to ``d_model``, plus a learned 2-D position embedding (row +
    column) -- the blocks also apply rotary on the patch's raster index;
-3. the ``DiTBlock`` stack of ``mdm_jax.models.dit`` (``dit_trunk``) (adaLN-Zero, the same
+3. the ``DiTBlock`` stack of ``mdm_jax.networks.dit`` (``dit_trunk``) (adaLN-Zero, the same
    conditioning MLP), scanned over layers;
 4. a zero-initialised head giving ``V`` logits for each of the ``p*p*C``
    pixel channels of a patch, unpatchified back to raster order.
@@ -92,7 +92,7 @@ class ImageDiT(nn.Module):
 
     ``embed_noise``: optional ``(sigma, eps)`` with ``eps`` [B, L, pixel_dim]: every
     pixel-channel embedding e becomes sigma * eps + sqrt(1 - sigma^2) * e before
-    patching (Di[M]O's token initialisation, ``mdm_jax/distill.py``).
+    patching (Di[M]O's token initialisation, docs/method/algorithms.md §5).
     """
     icfg, cfg = self.cfg, self.cfg.dit
     if digits.ndim != 3 or digits.shape[1] != icfg.seq_len or digits.shape[-1] != cfg.ell:

@@ -15,6 +15,12 @@ A token is in one of three states (``token_states``):
 Colours: masked digits grey, observed digits of a partly observed token orange,
 digits of a complete token green; a digit revealed since the previous frame has
 a black border.
+
+``masking_figure`` draws a trajectory as a labelled matplotlib figure (position
+across, sampling step down, a legend of the three states, the sampler and ell in
+the title); ``masking_picture`` renders it to the RGB array that a run writes as
+``samples/step_N_masking.png``.  ``masking_timeline`` is the same picture bare, one
+block per digit.
 """
 
 from __future__ import annotations
@@ -122,6 +128,90 @@ def masking_timeline(trajectory, mask_id: int, *, scale: int = 4) -> np.ndarray:
   rows = [_digit_colours(tr[s], mask_id, None)[0].reshape(-1, 3) for s in range(tr.shape[0])]
   img = np.stack(rows)                                      # [S, L*ell, 3]
   return img.repeat(scale, 0).repeat(scale, 1)
+
+
+FIGURE_SIZE = (10.0, 5.6)      # inches; at FIGURE_DPI: 1000 x 560 pixels
+FIGURE_DPI = 100
+LEGEND_LABELS = {"masked": "masked",
+                 "partial": "partly observed (its known digits)",
+                 "complete": "visible (token known)"}
+
+
+def _state_image(trajectory: np.ndarray, mask_id: int) -> np.ndarray:
+  """int8 [S, L*ell]: per digit, MASKED (a masked digit), PARTIAL (an observed digit of a
+  partly observed token) or COMPLETE (a digit of a known token) -- the colours of
+  ``masking_frame``."""
+  st = token_states(trajectory, mask_id)                               # [S, L]
+  per_digit = np.broadcast_to(st[..., None], trajectory.shape).copy()  # [S, L, ell]
+  per_digit[trajectory == mask_id] = MASKED
+  return per_digit.reshape(trajectory.shape[0], -1)
+
+
+def masking_figure(trajectory, mask_id: int, *, sampler: str = "", ell: Optional[int] = None,
+                   sample: int = 0, figsize=FIGURE_SIZE):
+  """A sampler trajectory [S, L, ell] as a labelled matplotlib ``Figure`` (Agg, no pyplot).
+
+  Row k (read downwards) is the state after k sampling steps, from all masked at
+  t = 1 (row 0) to the last state before noise removal; column i is token position i,
+  split into its ell digit strips (most significant first).  The title names the
+  sampler, ell, the sequence length and the step count; the legend the three states.
+  ``ell`` defaults to the trajectory's last axis.
+  """
+  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.colors import BoundaryNorm, ListedColormap
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+  # pylint: enable=import-outside-toplevel
+
+  tr = _digits(trajectory, 3)
+  if tr.ndim != 3:
+    raise ValueError(f"masking_figure takes [steps, L, ell], got {tr.shape}.")
+  steps, length, digits = tr.shape
+  ell = int(digits if ell is None else ell)
+  if ell != digits:
+    raise ValueError(f"ell={ell} but the trajectory has {digits} digits per token.")
+  rgb = [np.asarray(COLOURS[name], np.float64) / 255 for name in STATE_NAMES]
+  cmap = ListedColormap(rgb)
+  fig = Figure(figsize=figsize, dpi=FIGURE_DPI)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.imshow(_state_image(tr, mask_id), aspect="auto", interpolation="nearest", cmap=cmap,
+            norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3),
+            extent=(-0.5, length - 0.5, steps - 0.5, -0.5))
+  ax.set_xlabel(f"token position (each split into its {ell} digits)" if ell > 1
+                else "token position", fontsize=11)
+  ax.set_ylabel("sampling step (0 = all masked at t = 1; t falls to 0 downwards)", fontsize=11)
+  ax.tick_params(labelsize=10)
+  name = sampler or "sampler"
+  fig.suptitle(f"Masking of sample {sample}: {name}, \u2113 = {ell}", fontsize=13)
+  ax.set_title(f"{length} tokens, {steps - 1} steps", fontsize=10)
+  handles = [Patch(facecolor=rgb[k], edgecolor="black", linewidth=0.5,
+                   label=LEGEND_LABELS[n]) for k, n in enumerate(STATE_NAMES)
+             if ell > 1 or k != PARTIAL]                   # ell = 1: never partly observed
+  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
+            fontsize=10, frameon=False)
+  fig.tight_layout()
+  return fig
+
+
+def figure_title(fig) -> str:
+  """The figure's title (``suptitle``) and its axes' titles, one per line."""
+  sup = fig._suptitle  # pylint: disable=protected-access
+  parts = [sup.get_text()] if sup is not None else []
+  return "\n".join(parts + [ax.get_title() for ax in fig.axes if ax.get_title()])
+
+
+def figure_rgb(fig) -> np.ndarray:
+  """uint8 [H, W, 3]: a figure drawn on its Agg canvas."""
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def masking_picture(trajectory, mask_id: int, *, sampler: str = "",
+                    ell: Optional[int] = None) -> np.ndarray:
+  """``masking_figure`` rendered: uint8 [H, W, 3] (1000 x 560 at the default size)."""
+  return figure_rgb(masking_figure(trajectory, mask_id, sampler=sampler, ell=ell))
 
 
 def partial_text(digits, codec, decode_token: Callable[[int], str], *, masked: str = "_",

@@ -197,8 +197,7 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                     if schedule.per_position else None)
   # A value-dependent (GenMD4) schedule: alpha depends on the drawn value, so the reveal
   # probability is read at y^ (docs/method/algorithms.md §2.7).
-  value_alpha = (schedule.value_alpha_fn(params) if getattr(schedule, "value_dependent", False)
-                 else None)
+  value_alpha = schedule.value_alpha_fn(params) if schedule.value_dependent else None
 
   def log_probs(digits, t, rng):
     return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,

@@ -4,10 +4,13 @@
 ``masked.py``        ``diffusion``: MDM and Prime with any masking schedule
 ``autoregressive``   ``ar``: the causal baseline with the exact NLL
 ``gaussian.py``      ``gaussian``: DDPM / EDM image diffusion, dit | mdt | mcdit arms
+``distill.py``       Di[M]O (``--mode=distill``): generator + auxiliary, frozen teacher
+``classifier.py``    the image metrics' feature classifier (``eval_images``)
 ``validation.py``    config checks that see every registry
 ==================== ==========================================================
 
-``config.objective`` selects the task; a new one is one file with a ``Task`` subclass
+``config.objective`` selects the task (the last two are variants that a mode builds
+around a run, not objectives, so they are not registered); a new one is one file with a ``Task`` subclass
 registered by ``@TASKS.register(name)``.
 """
 

@@ -15,10 +15,16 @@ model is one new file with a ``Task`` subclass registered by ``@TASKS.register(n
 * ``generate(params, config, ...)``: samples and their stats;
 * ``after_eval(params, workdir, step, write=...)``: pictures or files a task writes after each eval
   (it returns ``{tag: png_path}`` for TensorBoard, or None);
-* ``sample_pictures(result)``: RGB pictures drawn from a ``generate`` result (the masking
+* ``sample_pictures(result, sampler)``: RGB pictures drawn from a ``generate`` result (the masking
   picture of a sampler's trajectory), written beside the samples;
 * ``COMPAT_KEYS``: the config sections that must match when a run resumes;
 * ``describe()``: one line for the log.
+
+A task trained by parts (Di[M]O's generator and auxiliary, the feature classifier) sets
+``trains_by_phases`` and returns its ``update_phases``: one optimizer update per phase,
+each on one part of the parameters (``trainers.steps.make_phased_step``).  ``frozen`` is
+what such a task reads and never trains (a teacher's parameters): the trainer passes it
+to the jitted steps as an argument; ``init_train_params`` may start from it.
 
 ``TokenTask`` holds what the two token tasks (masked diffusion and autoregressive)
 share: the Prime codec, the backbone, the exact or bound NLL per token as eval metric,
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +45,24 @@ from mdm_jax.core.errors import ConfigError
 from mdm_jax.core.registry import Registry
 from mdm_jax.diffusion import elbo
 from mdm_jax.diffusion import prime as prime_lib
-from mdm_jax.pictures.masking import masking_timeline
+from mdm_jax.pictures.masking import masking_picture
 from mdm_jax.sampling import generate as generate_lib
 
 TASKS: Registry[Any] = Registry("task", "objective")
+
+
+class Phase(NamedTuple):
+  """One optimizer update of a task trained by parts.
+
+  ``loss(part_params, params, batch, frozen, key) -> (scalar loss, metrics)`` is
+  differentiated in ``part_params`` (= ``params[part]``, or every parameter when ``part``
+  is None); ``params`` holds every part as updated by the phases before this one.
+  Metrics ``<name>_loss`` and ``<name>_grad_norm`` are reported.
+  """
+  part: Optional[str]
+  name: str
+  loss: Callable[..., Tuple[Any, Dict[str, Any]]]
+  key: Any
 
 
 class Task:
@@ -50,6 +70,10 @@ class Task:
   objective: ClassVar[str] = ""
   COMPAT_KEYS: ClassVar[Tuple[str, ...]] = ("objective", "model", "prime")
   bound_name: ClassVar[str] = ""
+  trains_by_phases: ClassVar[bool] = False
+  ema_part: ClassVar[Optional[str]] = None     # None: the EMA averages every parameter
+  frozen: Any = None
+  frozen_shardings: Any = None
   model: Any
   seq_len: int
 
@@ -66,6 +90,18 @@ class Task:
     return self.objective
 
   def init_params(self, key: jax.Array, batch_size: int = 2):
+    raise NotImplementedError
+
+  def init_train_params(self, key: jax.Array, batch_size: int = 2, frozen=None):
+    """(parameters a run starts from, key of the train state's random stream): by default
+    ``init_params`` of one half of ``key``, the other half for the stream.  ``frozen`` is
+    ``self.frozen`` (None when only the shapes are asked for)."""
+    del frozen
+    k_param, k_state = jax.random.split(key)
+    return self.init_params(k_param, batch_size), k_state
+
+  def update_phases(self, key: jax.Array) -> Sequence[Phase]:
+    """The updates of one train step, in order (only with ``trains_by_phases``)."""
     raise NotImplementedError
 
   def sample_times(self, key: jax.Array, batch_size: int) -> jax.Array:
@@ -92,8 +128,8 @@ class Task:
     del params, workdir, step, write
     return None
 
-  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
-    del result
+  def sample_pictures(self, result, sampler: str = "") -> Dict[str, np.ndarray]:
+    del result, sampler
     return {}
 
 
@@ -173,16 +209,17 @@ class TokenTask(Task):
             "bits_per_token": nll / math.log(2.0), "eval_tokens": float(sums["tokens"])}
 
   # ---- generation
-  def sample_pictures(self, result) -> Dict[str, np.ndarray]:
+  def sample_pictures(self, result, sampler: str = "") -> Dict[str, np.ndarray]:
     """The masking picture of sample 0 (rows: sampler steps; columns: every digit of every
-    token; grey masked, orange a partly observed token, green a complete one), when the
-    sampler returned its trajectory (``sampling.masking_picture``)."""
+    token; grey masked, orange a partly observed token, green a complete one; axes, legend
+    and a title naming ``sampler`` and ell), when the sampler returned its trajectory
+    (``sampling.masking_picture``)."""
     traj = getattr(result, "trajectory", None)
     if traj is None:
       return {}
     traj = np.asarray(traj)[:, 0]                         # [steps + 1, L, ell]
-    scale = max(1, min(4, 1024 // max(traj.shape[1] * traj.shape[2], 1)))
-    return {"masking": masking_timeline(traj, self.codec.mask_id, scale=scale)}
+    return {"masking": masking_picture(traj, self.codec.mask_id, sampler=sampler,
+                                       ell=int(self.codec.ell))}
 
   def sampler_kwargs(self, sampler: str, config, num_samples: int, seq_len: int,
                      num_steps: int) -> Dict[str, Any]:

@@ -427,8 +427,8 @@ class GaussianTask(Task):
 
   def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
                sampler=None, mesh=None, rules=None, labels=None, guidance=None, row_offset=0):
-    """The ``mdm_jax.sample.generate`` contract: (GaussianSample, stats).  Labels default to
-    classes 0, 1, 2, ... in turn (the null label for an unconditional model).
+    """The ``Task.generate`` contract (``tasks/base.py``): (GaussianSample, stats).  Labels
+    default to classes 0, 1, 2, ... in turn (the null label for an unconditional model).
 
     ``row_offset`` (the index of the first sample when samples are drawn in several calls)
     selects the call's key, fold_in(key(seed), row_offset); the Gaussian samplers draw one

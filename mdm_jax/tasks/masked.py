@@ -41,10 +41,10 @@ class MaskedDiffusionTask(TokenTask):
     loss_cfg = loss_config(config)
     schedule = get_schedule(config.schedule).for_codec(codec)
     schedule.check(loss_cfg, codec)
-    if getattr(schedule, "needs_time_agnostic", False) and bool(config.model.time_conditioning):
+    if schedule.needs_time_agnostic and bool(config.model.time_conditioning):
       raise ConfigError(f"schedule.name={schedule.name!r} trains without a time (the t-free order "
                         "estimator): it needs model.time_conditioning=False.")
-    if getattr(schedule, "value_dependent", False) and config.sampling.sampler != "ancestral":
+    if schedule.value_dependent and config.sampling.sampler != "ancestral":
       raise ConfigError(f"schedule.name={schedule.name!r} reveals a digit at a rate that depends "
                         "on its value, which only sampling.sampler='ancestral' implements; got "
                         f"{config.sampling.sampler!r}.")
@@ -106,11 +106,11 @@ class MaskedDiffusionTask(TokenTask):
             if "schedule" in params else {})
     if not write:
       return None
-    if hasattr(self.schedule, "parameter_summary"):
+    parameters = self.schedule.parameter_summary(host, step=step)
+    if parameters is not None:
       d = paths.join(workdir, "schedule")
       paths.makedirs(d)
-      paths.atomic_write(paths.join(d, f"step_{int(step)}.json"), json.dumps(
-          self.schedule.parameter_summary(host, step=step)))
+      paths.atomic_write(paths.join(d, f"step_{int(step)}.json"), json.dumps(parameters))
     summary = self.schedule.order_summary(host, self.seq_len, step=step)
     if summary is None:
       return None

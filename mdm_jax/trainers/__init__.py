@@ -3,12 +3,13 @@
 ================  ==============================================================
 ``setup.py``      config -> data, task, mesh, optimizer; restoring a run
 ``state.py``      the train state and optimizer, placed on the mesh
-``steps.py``      the jitted train and eval steps (microbatches, EMA, shardings)
-``loop.py``       ``train_and_evaluate``: the loop, metrics, checkpoints, samples
+``steps.py``      the jitted train steps (microbatches or phases, EMA, shardings), eval
+``loop.py``       ``train``: the one loop (every task), metrics, checkpoints, samples
 ``inference.py``  evaluate / sample a checkpoint; load an AR run as a text scorer
 ``samples.py``    generate -> describe -> score -> write samples
 ``checkpoint.py`` Orbax checkpoints with clear errors and compatibility checks
 ``writer.py``     metrics to JSONL and TensorBoard, the progress line
-``distill.py``    Di[M]O: distil a diffusion run into a one-step generator
+``distill.py``    Di[M]O on the loop: distil a diffusion run into a one-step generator
+``classifier.py`` the image metrics' feature classifier, trained on the loop
 ================  ==============================================================
 """

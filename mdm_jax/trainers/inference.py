@@ -12,6 +12,7 @@ from mdm_jax.core import sharding as shd
 from mdm_jax.core.config import from_dict, to_dict
 from mdm_jax.core.errors import ConfigError
 from mdm_jax.metrics.gen_ppl import Scorer
+from mdm_jax.networks import gpt2
 from mdm_jax.trainers.samples import sample_and_write, sample_file_name
 from mdm_jax.trainers.setup import restore_for_inference
 from mdm_jax.trainers.steps import evaluate, make_eval_step
@@ -56,8 +57,11 @@ def sample_checkpoint(config, workdir: str, num_steps: Optional[int] = None) -> 
 def load_scorer(workdir: str, config=None, restore: Optional[str] = None) -> Scorer:
   """Restores the AR run in ``workdir`` as a ``Scorer`` of texts.
 
+  ``workdir = "gpt2:FOLDER"`` loads the GPT-2 in a local Hugging Face folder instead
+  (``mdm_jax.networks.gpt2``; the peers' protocol, ``gen_ppl.score_texts_judge``).
+
   Args:
-    workdir: the AR run.
+    workdir: the AR run, or ``gpt2:FOLDER``.
     config: its configuration (checked against the checkpoint); None = the
       ``config.json`` the run saved.
     restore: "latest" or "best"; None = the config's ``checkpoint.restore``.
@@ -66,6 +70,8 @@ def load_scorer(workdir: str, config=None, restore: Optional[str] = None) -> Sco
     ConfigError: ``workdir`` holds no run, or a diffusion run (only an AR model
       gives exact token probabilities to score with).
   """
+  if str(workdir).startswith(gpt2.PREFIX):
+    return gpt2.gpt2_scorer(str(workdir)[len(gpt2.PREFIX):])
   workdir = paths.resolve(workdir)
   if config is None:
     path = paths.join(workdir, "config.json")
@@ -93,7 +99,8 @@ def load_scorer(workdir: str, config=None, restore: Optional[str] = None) -> Sco
 
 
 def scorer_from_config(config) -> Optional[Scorer]:
-  """The scorer named by ``sampling.scorer_workdir`` (None when it is empty).
+  """The scorer named by ``sampling.scorer_workdir`` (an AR run or ``gpt2:FOLDER``; None
+  when it is empty).
 
   Raises:
     ConfigError: a scorer in a multi-process run (score afterwards with

@@ -1,8 +1,10 @@
 """Published MDLM / MDM-Prime checkpoints in and out of mdm_jax workdirs.
 
 ``convert_checkpoint`` reads the authors' weights (a Hugging Face ``.safetensors`` file or a
-PyTorch Lightning ``.ckpt``; no torch needed, ``mdm_jax.core.torch_files``), maps them onto
-the ``dit`` network (``mdm_jax.networks.published``), and writes a normal workdir:
+PyTorch Lightning ``.ckpt``; no torch needed, ``mdm_jax.core.torch_files``), or a Hub name
+``hf://ORG/NAME[@REVISION][/PATH]`` fetched through ``huggingface_hub`` (``trainers/hub.py``),
+maps them onto the ``dit`` network (``mdm_jax.networks.published``), and writes a normal
+workdir:
 
   DIR/config.py            the resolved config (``--config=DIR/config.py``), the packaged
   DIR/config.json          base config with the network, codec and schedule set to match
@@ -18,7 +20,9 @@ directory beside it and renamed into place at the end: a failure leaves nothing 
 ``export_checkpoint`` writes a workdir's ``dit`` weights in the authors' layout (a
 safetensors state dict with the ``backbone.`` prefix, and the Hugging Face-style
 ``config.json`` next to it), which their ``DIT`` / ``PerceiverDIT`` load with
-``load_state_dict`` once the prefix is dropped.
+``load_state_dict`` once the prefix is dropped.  ``export_hub_folder`` writes a folder ready
+to upload to the Hub: ``model.safetensors``, ``config.json``, the tokenizer, the run's config
+and a model card (``README.md``) with the last evaluated bound and how to load it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from mdm_jax.core import torch_files
 from mdm_jax.core.config import from_dict, load_config, to_dict
 from mdm_jax.networks import published as pub
 from mdm_jax.trainers import checkpoint as ckpt_lib
+from mdm_jax.trainers import hub
 from mdm_jax.tasks import build_task
 from mdm_jax.trainers.setup import CHECKPOINT_DIR, restore_for_inference
 from mdm_jax.trainers.state import TrainState, make_optimizer, state_shardings
@@ -186,6 +191,19 @@ def default_base_config(arch: pub.Architecture):
   return load_config("owt_mdm" if arch.ell == 1 else f"owt_prime:ell={arch.ell}")
 
 
+def exported_config(checkpoint: str):
+  """The run config that ``--to=hf`` wrote beside a weight file (``mdm_jax_config.json``),
+  as the base config of its conversion; None where there is none."""
+  path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), hub.EXPORT_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return from_dict(json.load(f))
+  except ValueError as e:
+    raise ConversionError(f"{path} is not valid JSON ({e}).") from e
+
+
 def tokenizer_vocab(config) -> Tuple[int, str]:
   """(vocab size, how it was found) of ``config.data``'s tokenizer."""
   from mdm_jax.data import build_data  # pylint: disable=import-outside-toplevel
@@ -211,14 +229,14 @@ def _check_tree(params: Mapping[str, Any], abstract_params: Any) -> None:
                           f"(first differences: {diff}).")
 
 
-def _claim(workdir: str, overwrite: bool) -> str:
+def _claim(workdir: str, overwrite: bool, flag: str = "--workdir") -> str:
   if paths.is_remote(workdir):
     raise ConversionError("--workdir must be a local directory for conversion; copy the "
                           "converted workdir to the bucket afterwards (gsutil -m cp -r).")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     if not overwrite:
-      raise ConversionError(f"--workdir={workdir} exists and is not empty; choose a new "
+      raise ConversionError(f"{flag}={workdir} exists and is not empty; choose a new "
                             "directory (or pass --overwrite to replace it).")
   os.makedirs(os.path.dirname(workdir) or ".", exist_ok=True)
   tmp = f"{workdir}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -237,6 +255,15 @@ def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_confi
       (vocabulary, ell).
     mdm_jax.core.errors.ConfigError: the resulting config is invalid.
   """
+  hub_info = None
+  if hub.is_hub_name(checkpoint):
+    progress(f"fetching {checkpoint} (Hugging Face cache: "
+             f"{hub.hub_settings()['cache_dir'] or 'default'}"
+             f"{', offline' if hub.hub_settings()['offline'] else ''})")
+    hub_info = hub.resolve_checkpoint(checkpoint)
+    checkpoint = hub_info["file"]
+  if base_config is None:
+    base_config = exported_config(checkpoint)
   progress(f"reading {checkpoint}")
   read = read_published(source, checkpoint)
   hp = read["hparams"]
@@ -298,6 +325,8 @@ def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_confi
         "hparams": {k: v for k, v in hp.items() if isinstance(v, (int, float, str, bool))},
         "vocab_checked_against": how,
     }
+    if hub_info is not None:
+      provenance["hub"] = {k: hub_info[k] for k in ("name", "repo", "revision", "commit", "path")}
     with open(os.path.join(tmp, PROVENANCE_FILE), "w", encoding="utf-8") as f:
       json.dump(provenance, f, indent=2)
     paths.publish_directory(tmp, final)
@@ -306,6 +335,7 @@ def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_confi
     raise
   n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
   return {"workdir": final, "config": os.path.join(final, "config.py"), "source": source,
+          **({"hub": provenance["hub"]} if hub_info is not None else {}),
           "format": read["format"], "ema": read["ema"] is not None, "parameters": n,
           "architecture": provenance["architecture"],
           "eval_with": f"python -m mdm_jax.main --mode=eval --config={final}/config.py "
@@ -315,6 +345,12 @@ def convert_checkpoint(source: str, checkpoint: str, workdir: str, *, base_confi
 def export_checkpoint(config, workdir: str, output: str, *, use_ema: bool = True,
                       progress: Callable[[str], None] = lambda msg: None) -> Dict[str, Any]:
   """Writes the workdir's latest ``dit`` weights in the authors' layout (safetensors)."""
+  return _export(config, workdir, output, use_ema, progress)[0]
+
+
+def _export(config, workdir: str, output: str, use_ema: bool,
+            progress: Callable[[str], None]) -> Tuple[Dict[str, Any], Any]:
+  """``export_checkpoint``'s work; returns (its summary, the run's tokenizer)."""
   blockers = pub.export_blockers(to_dict(config)["model"])
   if config.objective != "diffusion":
     blockers.append(f"objective={config.objective!r} (only masked diffusion exports)")
@@ -330,7 +366,7 @@ def export_checkpoint(config, workdir: str, output: str, *, use_ema: bool = True
                           + "; ".join(blockers) + ".")
   if not output.endswith(".safetensors"):
     raise ConversionError(f"--output={output} must end in .safetensors.")
-  task, state, _, _, _, _ = restore_for_inference(config, workdir)
+  task, state, _, _, data, _ = restore_for_inference(config, workdir)
   # Collective: in a multi-process run every process gathers; process 0 writes below.
   params = distributed.host_arrays(state.ema_params if use_ema else state.params)
   codec = task.codec
@@ -360,8 +396,65 @@ def export_checkpoint(config, workdir: str, output: str, *, use_ema: bool = True
     progress(f"warning: {w}: the authors' network will compute a slightly different function")
   return {"output": os.path.abspath(output), "config": os.path.abspath(cfg_path),
           "tensors": len(tensors), "weights": "ema" if use_ema else "raw",
-          "differences": warnings}
+          "differences": warnings, "step": int(state.step), "hf_config": hf}, data.tokenizer
+
+
+def export_hub_folder(config, workdir: str, output_dir: str, *, use_ema: bool = True,
+                      repo_id: str = "", overwrite: bool = False,
+                      progress: Callable[[str], None] = lambda msg: None) -> Dict[str, Any]:
+  """Writes a folder ready to upload to the Hugging Face Hub (``--to=hf``)::
+
+    OUT/model.safetensors        the weights in the authors' layout (``export_checkpoint``)
+    OUT/config.json              their sizes (Hugging Face style, as the released models have)
+    OUT/mdm_jax_config.json      this run's full config (conversion reads it back)
+    OUT/mdm_jax_tokenizer.json   the run's tokenizer (``tokenizers.load_tokenizer``)
+    OUT/README.md                the model card: the model, the last bound the workdir
+                                 recorded, how to load it, the config
+
+  The folder is assembled beside ``output_dir`` and renamed into place when complete.
+  Upload it with ``huggingface-cli upload ORG/NAME OUT``; ``--from=... --checkpoint=
+  hf://ORG/NAME`` converts it back.
+  """
+  final = os.path.abspath(os.path.expanduser(output_dir))
+  if paths.is_remote(output_dir):
+    raise ConversionError("--output for --to=hf must be a local folder (upload it with "
+                          "huggingface-cli upload afterwards).")
+  tmp = _claim(final, overwrite, "--output")
+  evaluation = None
+  try:
+    summary, tokenizer = _export(config, workdir, os.path.join(tmp, "model.safetensors"),
+                                 use_ema, progress)
+    if jax.process_index() == 0:
+      os.replace(summary["config"], os.path.join(tmp, "config.json"))
+      with open(os.path.join(tmp, hub.EXPORT_CONFIG), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      tokenizer.save(os.path.join(tmp, hub.EXPORT_TOKENIZER))
+      evaluation = hub.last_eval(workdir, summary["step"])
+      ell = int(summary["hf_config"]["target_length"])
+      files = {"model.safetensors": f"the {summary['weights']} weights, `backbone.`-prefixed "
+                                    "state dict of the authors' network",
+               "config.json": "the network's sizes",
+               hub.EXPORT_CONFIG: "the mdm_jax config of the run",
+               hub.EXPORT_TOKENIZER: f"the run's {tokenizer.name} tokenizer, read by "
+                                     "`mdm_jax.data.tokenizers.load_tokenizer`",
+               "README.md": "this card"}
+      hub.write_model_card(os.path.join(tmp, "README.md"), config=config,
+                           repo_hint=repo_id or f"ORG/{os.path.basename(final)}",
+                           source="mdlm" if ell == 1 else "mdm-prime", step=summary["step"],
+                           weights=summary["weights"], evaluation=evaluation,
+                           hf_config=summary["hf_config"], files=files,
+                           differences=summary["differences"])
+      paths.publish_directory(tmp, final)
+    else:
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"output": final, "files": sorted(os.listdir(final)) if os.path.isdir(final) else [],
+          "step": summary["step"], "weights": summary["weights"], "bound": evaluation,
+          "differences": summary["differences"],
+          "upload_with": f"huggingface-cli upload {repo_id or 'ORG/NAME'} {final}"}
 
 
 __all__ = ["ConversionError", "WeightFileError", "convert_checkpoint", "export_checkpoint",
-           "read_published", "converted_config"]
+           "export_hub_folder", "read_published", "converted_config"]

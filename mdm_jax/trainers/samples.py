@@ -42,7 +42,7 @@ def sample_and_write(task, params, config, data, workdir: str, step: int, *, mes
     header = f"step {step}, {stats['sampler']}, T={stats['num_steps']}"
     out_dir, name = paths.join(workdir, "samples"), name or f"step_{step}"
     stats.update(data.write_samples(tokens, texts, stats, out_dir, name, header=header))
-    for key, picture in task.sample_pictures(res).items():
+    for key, picture in task.sample_pictures(res, sampler=stats["sampler"]).items():
       stats[f"{key}_png"] = write_png(paths.join(out_dir, f"{name}_{key}.png"), picture)
     print(data.show_samples(texts, stats, header), file=sys.stderr, flush=True)
   return {"texts": texts, **stats}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -28,6 +28,51 @@ BEST_DIR = "checkpoints_best"
 CHECKPOINT_DIR = "checkpoints"
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """How the train loop runs a task: its length, its cadences and what it reports.
+
+  ``from_config`` reads ``training``, ``eval``, ``checkpoint`` and ``sampling``; a task
+  variant (Di[M]O: ``config.distill``) builds its own.  0 turns a cadence off.
+  """
+  num_steps: int
+  batch_size: int                    # rows per step (for tokens/s)
+  seed: int                          # the train state's initial key
+  log_every: int
+  checkpoint_every: int
+  eval_every: int = 0
+  evaluate: bool = True              # a final evaluation (Task.eval_sums) at the end
+  sample_every: int = 0
+  final_samples: bool = True         # samples of the final state
+  keep_best: int = 0
+  data_stream: bool = True           # batches from data.train_dataset (else empty ones)
+  ema_decay: float = 0.0             # phased tasks (Task.trains_by_phases)
+  ema_warmup: bool = False
+  eval_use_ema: bool = True
+  sample_use_ema: bool = True
+  metric_prefix: str = "train"       # metrics.jsonl names: <prefix>/<metric>
+  progress_label: str = ""           # the progress line: "<label> step/total | ..."
+  progress_metrics: Tuple[Tuple[str, str], ...] = (("loss", "loss"),)   # (metric, shown as)
+  report_train_metrics: bool = False   # final_<metric> for every train metric in the result
+  report_samples: bool = False         # the final samples' stats in the result
+  result_extra: Tuple[Tuple[str, Any], ...] = ()
+  finite_metrics: Optional[Tuple[str, ...]] = ("loss",)   # checked when logged (None: all)
+  config_section: str = "training"   # named in the hints (<section>.learning_rate, ...)
+
+  @classmethod
+  def from_config(cls, config) -> "LoopSettings":
+    tc = config.training
+    return cls(num_steps=int(tc.num_steps), batch_size=int(tc.batch_size),
+               seed=int(config.seed), log_every=int(tc.log_every),
+               checkpoint_every=int(config.checkpoint.every_steps or 0),
+               eval_every=int(config.eval.every_steps or 0),
+               sample_every=int(config.sampling.every_steps or 0),
+               keep_best=int(config.checkpoint.keep_best), ema_decay=float(tc.ema_decay),
+               ema_warmup=bool(tc.get("ema_warmup", True)),
+               eval_use_ema=bool(config.eval.use_ema),
+               sample_use_ema=bool(config.eval.use_ema) and bool(config.sampling.use_ema))
+
+
 @dataclasses.dataclass
 class Run:
   """What a run is made of, before any state exists."""
@@ -39,6 +84,15 @@ class Run:
   rules: Any
   tx: Any
   lr_schedule: Callable
+  settings: Optional[LoopSettings] = None
+  # (checkpointer, abstract state, data iterator, config dict, keys, log) -> state: how a
+  # checkpoint is read back (None: Checkpointer.restore_intact); a task variant whose
+  # on-disk format changed reads its older one here.
+  restore: Optional[Callable] = None
+
+  def __post_init__(self):
+    if self.settings is None:
+      self.settings = LoopSettings.from_config(self.config)
 
 
 def validate_batch(config, mesh) -> None:

@@ -1,15 +1,22 @@
-"""The train state and the optimizer, placed on a device mesh without a host copy."""
+"""The train state and the optimizer, placed on a device mesh without a host copy.
+
+One state for every task: ``params`` is the task's parameter tree (for a task trained by
+parts, e.g. Di[M]O, a dict of parts), ``opt_state`` the optimizer's state (a dict of one
+state per part when ``tx`` is a dict of optimizers), ``ema_params`` the average of the
+parameters (or of the task's ``Task.ema_part``).
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from mdm_jax.core import distributed
 from mdm_jax.core import sharding as shd
@@ -26,13 +33,42 @@ class TrainState:
   key: jax.Array           # uint32 raw key data (checkpoint friendly)
 
 
-def make_optimizer(tc) -> Tuple[optax.GradientTransformation, Callable]:
+def _name_matches(path: Tuple[str, ...], names) -> bool:
+  joined = "/".join(str(p) for p in path)
+  return any(joined == n or joined.endswith("/" + n) for n in names)
+
+
+def frozen_labels(params, names) -> Any:
+  """'frozen' / 'train' per parameter (boxed leaves included), by name or path suffix."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: ("frozen" if _name_matches(k, names) else "train") for k in flat})
+
+
+def make_optimizer(tc, *, learning_rate: Optional[float] = None,
+                   frozen_names: Optional[Sequence[str]] = None
+                   ) -> Tuple[optax.GradientTransformation, Callable]:
   """AdamW with warm-up and a constant or cosine schedule, global-norm clipping, weight
   decay on the network's weight matrices and tables only (chosen by parameter path,
   ``networks.weight_decay_mask``: never norm scales, biases or schedule parameters, and
-  the same for scanned and unrolled layers); returns (optimizer, learning-rate schedule)."""
+  the same for scanned and unrolled layers); returns (optimizer, learning-rate schedule).
+
+  With ``frozen_names`` (a part of a task trained by parts, ``config.distill``): Adam at
+  ``learning_rate`` with a linear warm-up that counts the first step (lr (n + 1) / warm,
+  so the first step moves) then constant, global-norm clipping, and no update for the
+  parameters whose path ends in one of the names.
+  """
   warm = max(int(tc.warmup_steps), 1)
-  lr = float(tc.learning_rate)
+  lr = float(tc.learning_rate if learning_rate is None else learning_rate)
+  if frozen_names is not None:
+    def warm_then_constant(count):
+      return lr * jnp.minimum(1.0, (count + 1.0) / warm)
+    train_tx = optax.chain(
+        optax.clip_by_global_norm(float(tc.grad_clip)) if tc.grad_clip > 0 else optax.identity(),
+        optax.adam(warm_then_constant, b1=float(tc.b1), b2=float(tc.b2)))
+    names = tuple(frozen_names)
+    return optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()},
+                                 lambda p: frozen_labels(p, names)), warm_then_constant
   if tc.lr_schedule == "constant":
     sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)],
                                  [warm])
@@ -48,12 +84,29 @@ def make_optimizer(tc) -> Tuple[optax.GradientTransformation, Callable]:
   return tx, sched
 
 
-def init_boxed(task, tx, key, batch_size: int = 2) -> TrainState:
-  """The state with logically boxed parameters (their axis names give the shardings)."""
-  k_param, k_state = jax.random.split(key)
-  params = task.init_params(k_param, batch_size)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=params, key=jax.random.key_data(k_state))
+def init_opt_state(tx, params):
+  """``tx.init(params)``; with a dict of optimizers, one state per part of ``params``."""
+  if isinstance(tx, dict):
+    return {part: tx[part].init(params[part]) for part in tx}
+  return tx.init(params)
+
+
+def ema_of(task, params):
+  """What the EMA averages: every parameter, or the task's ``ema_part`` alone."""
+  part = task.ema_part
+  return params if part is None else {part: params[part]}
+
+
+def init_boxed(task, tx, key, batch_size: int = 2, frozen=None) -> TrainState:
+  """The state with logically boxed parameters (their axis names give the shardings).
+
+  ``frozen`` is the task's read-only input (``Task.frozen``) when the state is built for
+  real; ``None`` when only its shapes are wanted (``state_shardings``).
+  """
+  params, k_state = task.init_train_params(key, batch_size, frozen)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=init_opt_state(tx, params), ema_params=ema_of(task, params),
+                    key=jax.random.key_data(k_state))
 
 
 def state_shardings(task, tx, mesh, rules) -> Tuple[Any, Any]:
@@ -68,9 +121,11 @@ def init_state(task, tx, mesh, rules, seed: int) -> Tuple[TrainState, Any]:
   del abstract
   # Placement comes from out_shardings; the model's activation constraints are
   # not needed (and scanned parameter boxes must not be constrained) at init.
-  init = jax.jit(lambda k: nn.unbox(init_boxed(task, tx, k)), out_shardings=shardings)
+  # A task's frozen input (a teacher) is an argument, never a constant folded into the graph.
+  init = jax.jit(lambda k, f: nn.unbox(init_boxed(task, tx, k, frozen=f)),
+                 out_shardings=shardings)
   with jax.set_mesh(mesh):
-    state = init(jax.random.key(seed))
+    state = init(jax.random.key(seed), task.frozen)
   return state, shardings
 
 

@@ -7,6 +7,11 @@ averages to nats per token, applies the optimizer and the EMA, and donates the s
 The EMA's decay at step n (0-based) is min(ema_decay, (1 + n) / (10 + n)) with
 ``training.ema_warmup`` (the default), so the average forgets the initial parameters
 within the first steps instead of after ~1/(1 - ema_decay) of them.
+``make_phased_step`` is the step of a task trained by parts (``Task.update_phases``:
+Di[M]O's generator then auxiliary updates, the feature classifier's one update): each
+phase differentiates its loss in its part of the parameters and applies that part's
+optimizer before the next phase runs.  ``make_step`` picks the one a run's task needs.
+These are the only places an optimizer update is applied (``apply_update``).
 ``make_eval_step`` / ``evaluate`` add up ``task.eval_sums`` over fixed eval batches and
 report ``task.eval_summary``.
 """
@@ -28,6 +33,79 @@ from mdm_jax.trainers.state import TrainState
 
 # optax >= 0.2.6 has optax.tree.norm; older releases only optax.global_norm.
 tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def apply_update(tx, grads, opt_state, params):
+  """One optimizer update: (new params, new optimizer state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def ema_update(ema, params, step, decay: float, warmup: bool):
+  """decay * ema + (1 - decay) * params, the decay capped by (1 + n) / (10 + n) at 0-based
+  step n when ``warmup``; ``params`` itself when ``decay`` is 0."""
+  if decay <= 0:
+    return params
+  d = jnp.float32(decay)
+  if warmup:
+    n = step.astype(jnp.float32)
+    d = jnp.minimum(d, (1.0 + n) / (10.0 + n))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def make_step(run, shardings):
+  """The jitted ``(state, batch) -> (state, metrics)`` of ``run``'s task."""
+  if run.task.trains_by_phases:
+    return make_phased_step(run.task, run.tx, run.mesh, run.rules, shardings,
+                            ema_decay=run.settings.ema_decay,
+                            ema_warmup=run.settings.ema_warmup)
+  return make_train_step(run.task, run.tx, run.config, run.mesh, run.rules, shardings)
+
+
+def make_phased_step(task, tx, mesh, rules, shardings, *, ema_decay: float,
+                     ema_warmup: bool = False, donate: bool = True):
+  """A jitted ``(state, batch) -> (state, metrics)`` for a task trained by parts.
+
+  The step's key is fold_in(state.key, step); ``task.update_phases(key)`` gives the
+  phases, run in order, each updating ``params[phase.part]`` with ``tx[phase.part]`` (or
+  every parameter with ``tx`` when ``part`` is None); then the EMA of
+  ``task.ema_part``.  ``task.frozen`` goes in as an argument, placed by
+  ``task.frozen_shardings``.  ``mesh=None``: no explicit shardings (unit tests).
+  """
+
+  def step_fn(state: TrainState, batch, frozen):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    params, opt_state = state.params, state.opt_state
+    metrics: Dict[str, Any] = {}
+    for phase in task.update_phases(key):
+      part = phase.part
+      own = params if part is None else params[part]
+      (loss, m), grads = jax.value_and_grad(
+          lambda p, ph=phase: ph.loss(p, params, batch, frozen, ph.key), has_aux=True)(own)
+      part_tx = tx if part is None else tx[part]
+      part_opt = opt_state if part is None else opt_state[part]
+      new_own, new_opt = apply_update(part_tx, grads, part_opt, own)
+      if part is None:
+        params, opt_state = new_own, new_opt
+      else:
+        params, opt_state = {**params, part: new_own}, {**opt_state, part: new_opt}
+      metrics.update({f"{phase.name}_loss": loss, f"{phase.name}_grad_norm": tree_norm(grads),
+                      **m})
+    averaged = params if task.ema_part is None else {task.ema_part: params[task.ema_part]}
+    ema = ema_update(state.ema_params, averaged, state.step, ema_decay, ema_warmup)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    return new, metrics
+
+  def traced(state, batch, frozen):
+    with nn.logical_axis_rules(rules or ()):
+      return step_fn(state, batch, frozen)
+
+  kwargs = {}
+  if mesh is not None:
+    kwargs = dict(in_shardings=(shardings, shd.batch_sharding(mesh), task.frozen_shardings),
+                  out_shardings=(shardings, shd.replicated(mesh)))
+  jitted = jax.jit(traced, donate_argnums=(0,) if donate else (), **kwargs)
+  return lambda state, batch: jitted(state, batch, task.frozen)
 
 
 def make_train_step(task, tx, config, mesh, rules, shardings):
@@ -75,16 +153,8 @@ def make_train_step(task, tx, config, mesh, rules, shardings):
         (tok_mb, t_mb, rows_mb, extra_mb))
     norm = 1.0 / (bsz * length)                      # -> nats per token
     grads = jax.tree.map(lambda g: g * norm, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if ema_decay > 0:
-      decay = jnp.float32(ema_decay)
-      if ema_warmup:
-        n = state.step.astype(jnp.float32)
-        decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    else:
-      ema = params
+    params, opt_state = apply_update(tx, grads, state.opt_state, state.params)
+    ema = ema_update(state.ema_params, params, state.step, ema_decay, ema_warmup)
     out = {"loss": total * norm, "grad_norm": tree_norm(grads)}
     out.update(jax.tree.map(jnp.mean, metrics))
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)

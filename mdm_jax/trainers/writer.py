@@ -231,9 +231,11 @@ class Progress:
   """A progress line: bar, step, loss, steps/s, tokens/s and ETA."""
 
   def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool = True,
-               stream=None):
+               stream=None, label: str = "", shown=(("loss", "loss"),)):
     self.total, self.start, self.tokens_per_step = total, start, tokens_per_step
     self.enabled = enabled
+    self.label = label       # "<label> step/total" instead of the bar
+    self.shown = tuple(shown)   # (metric, name on the line) pairs
     self.stream = stream or sys.stderr
     self._t0: Optional[float] = None
     self._step0 = start
@@ -256,7 +258,8 @@ class Progress:
     frac = step / max(self.total, 1)
     bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
     eta = (self.total - step) / self._rate if self._rate > 0 else float("nan")
-    parts = [f"[{bar}] {step}/{self.total}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+    head = f"{self.label} {step}/{self.total}" if self.label else f"[{bar}] {step}/{self.total}"
+    parts = [head] + [f"{name} {metrics.get(key, float('nan')):.4f}" for key, name in self.shown]
     if self._rate > 0:
       parts += [f"{self._rate:.2f} steps/s", f"{self._rate * self.tokens_per_step:,.0f} tok/s",
                 f"ETA {format_time(eta)}"]

@@ -21,7 +21,7 @@ from typing import Iterator, List, Tuple
 
 import tensorflow_datasets as tfds
 
-from mdm_jax.data import corpora
+import mdm_jax.data.corpora as corpora
 
 NAME = "shakespeare_plays"
 NUM_TEST_PLAYS = 2

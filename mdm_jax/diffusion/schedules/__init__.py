@@ -14,7 +14,8 @@ file                          family                                           n
 ``plackett_luce.py``          learned_poly trained by the t-free estimator     plackett_luce
 ============================  ===============================================  ==================
 
-``base.py`` holds the ``Schedule`` interface and the ``SCHEDULES`` registry.  A new
+``base.py`` holds the ``Schedule`` interface and the ``SCHEDULES`` registry;
+``conformance.py`` checks a family against that interface (``check_schedule``).  A new
 family is one new file with a ``Schedule`` subclass and a function registered with
 ``@SCHEDULES.register(name)``; import it (or register it from your own code) and set
 ``--config.schedule.name=name``.
@@ -26,8 +27,8 @@ import ml_collections
 
 from mdm_jax.configs.base import get_base_config
 from mdm_jax.core.config import merge_block
-from mdm_jax.diffusion.schedules.base import (SCHEDULES, PositionOrderSchedule, Schedule,
-                                              UnivariateSchedule, f32)
+from mdm_jax.diffusion.schedules.base import (SCHEDULES, Hazards, PositionOrderSchedule,
+                                              Schedule, UnivariateSchedule, f32)
 # The built-in families register themselves on import.
 from mdm_jax.diffusion.schedules import univariate  # noqa: F401
 from mdm_jax.diffusion.schedules import learned_poly  # noqa: F401
@@ -51,5 +52,5 @@ def get_schedule(config) -> Schedule:
   return SCHEDULES.get(block.name)(block)
 
 
-__all__ = ["SCHEDULES", "Schedule", "UnivariateSchedule", "PositionOrderSchedule", "get_schedule",
+__all__ = ["SCHEDULES", "Hazards", "Schedule", "UnivariateSchedule", "PositionOrderSchedule", "get_schedule",
            "schedule_block", "linear", "loglinear", "polynomial", "cosine", "geometric", "f32"]

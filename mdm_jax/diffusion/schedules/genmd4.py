@@ -62,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdm_jax.core.errors import ConfigError
-from mdm_jax.diffusion.schedules.base import SCHEDULES, Schedule, lr_scale_from, num_masks_from
+from mdm_jax.diffusion.schedules.base import (SCHEDULES, Hazards, Schedule, lr_scale_from,
+                                              num_masks_from)
 
 Array = jax.Array
 SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))      # softplus(0.5413) = 1
@@ -153,24 +154,38 @@ class GenMD4Schedule(Schedule):
     w = self.exponents(params)
     return lambda t, digits: 1.0 - jnp.exp(gather_values(w, digits) * jnp.log(t))
 
-  def reconstruction(self, params, t_min: float, digits: Array) -> Array:
+  def reconstruction(self, params, t_min: float, digits: Array, codec=None) -> Array:
     """The [0, t_min] term per sequence [B]: sum over elements of
-    P(masked at t_min) * -log softmax_d(w[j, d] log t_min)[x]."""
+    P(masked at t_min) * -log softmax_d(w[j, d] log t_min)[x] (GenMD4's decoder at t_min,
+    never worse than the uniform one of ``Schedule.reconstruction``)."""
+    del codec
     w = self.exponents(params)
     log_t = math.log(t_min)
     log_dec = jax.nn.log_softmax(w * log_t, axis=-1)                  # [ell, b]
     p = jnp.exp(gather_values(w, digits) * log_t)
     return jnp.sum(p * -gather_values(log_dec, digits), axis=(1, 2))
 
-  def log_q(self, params, t, masked, digits=None):
-    if digits is None:
-      raise ValueError("genmd4: log q needs the clean digits.")
+  def log_q(self, params, t, masked, digits):
     t = jnp.asarray(t, jnp.float32)[:, None, None]
     log_m = self.value_exponents(params, digits) * jnp.log(t)
     log_keep = jnp.log(jnp.maximum(-jnp.expm1(log_m), 1e-30))
     return jnp.sum(jnp.where(masked, log_m, log_keep), axis=(1, 2))
 
-  # ---- the interface's value-free parts
+  # ---- the interface
+  def hazards(self, params, t, length, digits=None) -> Hazards:
+    """t**w[j, x] and w[j, x] / t for every element holding clean value x [B, L, ell]."""
+    if digits is None:
+      raise ValueError("genmd4 is value-dependent: hazards needs the clean digits.")
+    t = jnp.asarray(t, jnp.float32)
+    return Hazards(self.value_mask_prob(params, t, digits),
+                   self.value_exponents(params, digits) / t[:, None, None])
+
+  def value_weights(self, params, t):
+    """w[j, d] / t for every slot j and value d [B, 1, ell, b]."""
+    t = jnp.asarray(t, jnp.float32)
+    return self.exponents(params)[None, None] / t[:, None, None, None]
+
+  # ---- the value-free parts
   def mask_prob_ij(self, params, t, length):
     raise ValueError("genmd4 is value-dependent: use value_mask_prob(params, t, digits).")
 

@@ -122,8 +122,9 @@ class LearnedPolySchedule(PositionOrderSchedule):
     """The population rate at initialisation (w = 1): linear."""
     return 1.0 - jnp.asarray(t, jnp.float32)
 
-  def log_q(self, params, t: Array, masked: Array, digits: Optional[Array] = None) -> Array:
-    """log q_w(z | t) per sequence [B] for the mask pattern ``masked`` [B, L, ell]."""
+  def log_q(self, params, t: Array, masked: Array, digits: Array) -> Array:
+    """log q_w(z | t) per sequence [B] for the mask pattern ``masked`` [B, L, ell], in log
+    space (accurate where t**w is tiny or close to 1)."""
     del digits
     t = jnp.asarray(t, jnp.float32)[:, None, None]
     w = jnp.exp(self.log_w(params, masked.shape[1]))[None, :, None]

@@ -88,7 +88,7 @@ class LearnedTiltSchedule(SlotPolySchedule):
     w = jnp.exp(self.log_w(params))
     return lambda t: jnp.broadcast_to(1.0 - jnp.exp(w * jnp.log(t)), (length, self.ell))
 
-  def log_q(self, params, t, masked, digits=None):
+  def log_q(self, params, t, masked, digits):
     del digits
     t = jnp.asarray(t, jnp.float32)[:, None, None]
     log_m = self._w(params) * jnp.log(t)

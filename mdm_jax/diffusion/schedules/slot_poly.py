@@ -30,6 +30,7 @@ Array = jax.Array
 class SlotPolySchedule(Schedule):
   """alpha_j(t) = 1 - t**w_j for digit slot j (see the module docstring)."""
   per_position = True
+  per_digit_hazards = True
 
   def __init__(self, slot_tilt: float = 1.0, ell: int = 1, name: str = "slot_poly"):
     self.name = name

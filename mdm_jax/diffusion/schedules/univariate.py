@@ -30,6 +30,10 @@ import jax.numpy as jnp
 from mdm_jax.diffusion.schedules.base import SCHEDULES, UnivariateSchedule, f32
 
 
+def _key(config, key: str, default: float) -> float:
+  """``config.schedule[key]`` as a float, ``default`` without a config or the key."""
+  return float(default if config is None else config.get(key, default))
+
 
 @SCHEDULES.register("linear")
 def linear(config=None) -> UnivariateSchedule:
@@ -51,7 +55,7 @@ def loglinear(config=None) -> UnivariateSchedule:
   the ELBO needs no prior term.  1 - alpha = t (1 - eps (1 - t)),
   alpha' = -(1 - eps + 2 eps t), weight (1 - eps + 2 eps t) / (t (1 - eps + eps t)) ~ 1/t.
   """
-  eps = float(getattr(config, "eps", 1e-3)) if config is not None else 1e-3
+  eps = _key(config, "eps", 1e-3)
   if not 0 <= eps < 1:
     raise ValueError(f"schedule.eps must be in [0, 1) for the loglinear schedule, got {eps}.")
   c = 1.0 - eps
@@ -65,7 +69,7 @@ def loglinear(config=None) -> UnivariateSchedule:
 @SCHEDULES.register("polynomial")
 def polynomial(config=None) -> UnivariateSchedule:
   """alpha = 1 - t**w; weight w / t (exact, no cancellation)."""
-  w = float(getattr(config, "power", 1.0)) if config is not None else 1.0
+  w = _key(config, "power", 1.0)
   if not w > 0:
     raise ValueError(f"schedule.power must be > 0 for the polynomial schedule, got {w}.")
   return UnivariateSchedule(
@@ -98,8 +102,8 @@ def geometric(config=None) -> UnivariateSchedule:
   s(t) = smin^(1-t) smax^t - smin, alpha = exp(-s(t)),
   weight = s'(t) / expm1(s(t)) with s'(t) = (s(t) + smin) log(smax/smin).
   """
-  smin = float(getattr(config, "sigma_min", 1e-4)) if config is not None else 1e-4
-  smax = float(getattr(config, "sigma_max", 20.0)) if config is not None else 20.0
+  smin = _key(config, "sigma_min", 1e-4)
+  smax = _key(config, "sigma_max", 20.0)
   if not 0 < smin < smax:
     raise ValueError(f"geometric schedule needs 0 < sigma_min < sigma_max, got {smin}, {smax}.")
   log_ratio = math.log(smax / smin)
