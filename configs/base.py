@@ -184,6 +184,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sampling.seed = 42
   c.sampling.use_ema = True
   c.sampling.scorer_workdir = ""      # an AR run: add its generative perplexity to sample stats
+  c.sampling.precision = "float32"    # the samplers' random draws: float32 | float64 (CPU/GPU only)
   c.sampling.masking_picture = True   # also draw sample 0's masking trajectory (samples/*_masking.png)
   # Sampler options: each is passed only to the samplers that take it (mdm_jax/sampling/generate.py).
   c.sampling.confidence = "prob"      # confidence: prob | max_prob | margin | neg_entropy

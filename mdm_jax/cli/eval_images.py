@@ -43,12 +43,15 @@ from mdm_jax.trainers.steps import evaluate, make_eval_step
 
 def sample_images(task, params, config, tokenizer, num_samples: int, *, batch_size: int = 0,
                   mesh=None, rules=None, seed: int = 0) -> Tuple[np.ndarray, Dict[str, Any]]:
-  """``num_samples`` uint8 images from the diffusion model, in batches of ``batch_size``."""
+  """``num_samples`` uint8 images from the diffusion model, in batches of ``batch_size``.
+
+  Image i is drawn from fold_in(key(seed), i), so the images do not depend on the batch size.
+  """
   bs = int(batch_size or config.sampling.num_samples)
   out, stats = [], {}
   for i in range(-(-int(num_samples) // bs)):
-    res, stats = task.generate(params, config, seed=int(seed) + i, num_samples=bs, mesh=mesh,
-                               rules=rules)
+    res, stats = task.generate(params, config, seed=int(seed), num_samples=bs, mesh=mesh,
+                               rules=rules, row_offset=i * bs)
     out.append(tokenizer.decode(np.asarray(res.tokens)))
   return np.concatenate(out)[:int(num_samples)], stats
 

@@ -553,26 +553,35 @@ def mdm_elbo_reference(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array
 def diffusion_bound(apply_fn: ApplyFn, params: Any, tokens: Array, key: Array, *,
                     codec: prime_lib.PrimeCodec, schedule: Schedule,
                     cfg: DiffusionLossConfig, num_time_samples: int = 1,
-                    split: Optional[SplitNetwork] = None) -> Array:
+                    split: Optional[SplitNetwork] = None,
+                    row_ids: Optional[Array] = None) -> Array:
   """Evaluation: the NELBO per sequence averaged over K stratified times.
 
-  The K * B times jointly cover [t_min, 1] in K * B strata (one shared
-  uniform offset), with one network call (one mask) per k.  Always evaluates the
-  *marginal* (valid) bound with independent digit masking, whatever form or
-  grouped noise (``chunk_point``) was used for training; a valid bound for every
-  schedule and every value of its parameters.
+  Every draw is per row, so a row's bound depends only on the key, its row id and its
+  tokens -- not on the eval batch size, the other rows or the mesh.  Row r's K times
+  are t_min + (1 - t_min) (u_r + k) / K, k < K, one uniform u_r ~ U(0, 1) from
+  fold_in(k_u, r): stratified over the row's own K samples (each time is marginally
+  uniform, so the average is an unbiased estimate of the bound), and its k-th mask
+  from fold_in(key_k, r) (``draw_masks``); one network call (one mask) per k.
+  ``row_ids`` (int [B]) are the rows' global indices in the eval set; default
+  0..B-1.  Always evaluates the *marginal* (valid) bound with independent digit
+  masking, whatever form or grouped noise (``chunk_point``) was used for training;
+  a valid bound for every schedule and every value of its parameters.
   """
   bound_cfg = dataclasses.replace(cfg, form="marginal", weighting="elbo", chunk_point=1.0)
   bsz = tokens.shape[0]
+  rows = (jnp.arange(bsz, dtype=jnp.int32) if row_ids is None
+          else jnp.asarray(row_ids).astype(jnp.int32))
   k_u, k_rest = jax.random.split(key)
   keys = jax.random.split(k_rest, num_time_samples)
+  u = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(k_u, r), (), jnp.float32))(rows)
 
   def one(k, carry):
-    t = sample_times(k_u, bsz, cfg.t_min, True, offset=k * bsz,
-                     num_strata=bsz * num_time_samples)
+    r = (u + k.astype(jnp.float32)) / num_time_samples          # in [0, 1)
+    t = cfg.t_min + (1.0 - cfg.t_min) * r
     loss, _ = diffusion_loss(apply_fn, params, tokens, keys[k], codec=codec,
                              schedule=schedule, cfg=bound_cfg, train=False, t=t, num_masks=1,
-                             split=split)
+                             split=split, row_ids=rows)
     return carry + loss
 
   total = jax.lax.fori_loop(0, num_time_samples, one, jnp.zeros((bsz,), jnp.float32))

@@ -11,10 +11,12 @@ k = 0..T.  One step from t = t_k to s = t_{k+1}:
 2. log p(x | y_t) over the V tokens: ``codec.token_logprobs`` (restricted to
    tokens consistent with the observed digits when carry_over=True), then
    temperature -> top-k -> top-p.
-3. One draw x^ per token (a V-way categorical, high-dynamic-range Gumbel),
-   encoded to digits y^ = f(x^).
+3. One draw x^ per token (a V-way categorical, high-dynamic-range Gumbel;
+   float32, or float64 with ``sampling.precision="float64"``), encoded to
+   digits y^ = f(x^).
 4. Each still-masked digit becomes y^ with probability
-   (alpha(s) - alpha(t)) / (1 - alpha(t)) (an independent float32 Bernoulli),
+   (alpha(s) - alpha(t)) / (1 - alpha(t)) (an independent Bernoulli: a float32
+   uniform, float64 with ``sampling.precision="float64"``),
    else stays masked; revealed digits never change.  For a value-dependent (GenMD4)
    schedule alpha is read at the drawn digit's value, so a digit becomes v with
    probability p(v) (alpha_v(s) - alpha_v(t)) / (1 - alpha_v(t)).
@@ -31,6 +33,11 @@ draw that matters) is made once nothing in the batch is masked.
 NFE: the calls are exactly one per distinct incomplete state visited, so with
 a linear schedule E[NFE] = T (1 - (1 - pi)^N) + 1 - (1 - eps)^N, pi = (1-eps)/T,
 N = B L ell -- MDLM's T (1 - (1 - 1/T)^N) up to O(N eps) (``expected_nfe``).
+
+Randomness is per row (``sampling/common.py``): row b's step-k draws come from
+split(fold_in(row_key_b, k), 3), so a sample does not depend on the batch it was
+drawn in.  Only the network call is shared by the batch (cached while no row
+changed); a row's distribution is the same whether it was recomputed or cached.
 
 Prompting / infilling: ``prompt`` tokens at ``prompt_mask`` positions are
 encoded and fixed from the start; they are never masked, so never change.
@@ -51,7 +58,7 @@ import jax.numpy as jnp
 
 from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.diffusion.schedules import Schedule
-from mdm_jax.sampling.common import model_logprobs
+from mdm_jax.sampling.common import model_logprobs, row_keys, row_uniform, step_keys
 from mdm_jax.sampling.filters import sample_categorical
 from mdm_jax.sampling.registry import SAMPLERS
 
@@ -199,20 +206,21 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
                           top_p_rule=top_p_rule)[1]
 
   lp0 = jnp.zeros((batch_size, seq_len, codec.vocab_size), jnp.float32)
+  rows = row_keys(key, batch_size)                                 # [B] per-row keys
 
   def step(carry, k):
     # k < T: the step t_k -> t_{k+1}; k == T: noise removal (reveal probability 1).
     digits, lp_cache, dirty, nfe, idle = carry
     final = k == num_steps
     t, s = ts[k], ts[jnp.minimum(k + 1, num_steps)]
-    k_net, k_tok, k_rev = jax.random.split(jax.random.fold_in(key, k), 3)
+    k_net, k_tok, k_rev = step_keys(rows, k, 3)
     masked = digits == mask_id
     # A draw is needed only while something is masked; a call only if y changed
     # since the last one (or the network uses t / the cache is off).
     need = jnp.any(masked) & (dirty | force_call)
-    lp = jax.lax.cond(need, lambda: log_probs(digits, t, k_net), lambda: lp_cache)
+    lp = jax.lax.cond(need, lambda: log_probs(digits, t, k_net[0]), lambda: lp_cache)
     nfe = nfe + need.astype(jnp.int32)
-    x_hat = sample_categorical(k_tok, lp)                          # [B, L]
+    x_hat = sample_categorical(k_tok, lp)                          # [B, L], row b from k_tok[b]
     y_hat = codec.encode(x_hat)                                    # [B, L, ell]
     if value_alpha is not None:
       a_t, a_s = value_alpha(t, y_hat), value_alpha(s, y_hat)
@@ -222,7 +230,7 @@ def ancestral_sample(apply_fn: ApplyFn, params: Any, key: Array, *,
       a_t, a_s = schedule.alpha(t), schedule.alpha(s)
     p_reveal = jnp.clip((a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-30), 0.0, 1.0)
     p_reveal = jnp.where(final, 1.0, p_reveal).astype(jnp.float32)
-    u = jax.random.uniform(k_rev, digits.shape, jnp.float32)       # in [0, 1)
+    u = row_uniform(k_rev, digits.shape)                           # in [0, 1)
     if chunk_point < 1.0:   # grouped: one draw per token (digits above c are masked together)
       u = jnp.where(t > chunk_point, u[..., :1], u)
     reveal = masked & (u < p_reveal)

@@ -3,7 +3,10 @@
 The AR model is the same backbone run causally with ell = 1: its input is
 [BOS, x_0, ..., x_{L-2}] (BOS = the row the diffusion models use for the mask,
 id V) and logits[:, i] predict x_i.  Each step runs the full causal forward
-(no KV cache; correctness first) and draws position i.
+(no KV cache; correctness first) and draws position i: a high-range Gumbel
+categorical in float32 (float64 with ``sampling.precision="float64"``), row b's
+from its own key (``sampling/common.py``), so a sample does not depend on the
+batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mdm_jax.sampling.ancestral import SampleResult
+from mdm_jax.sampling.common import row_keys, step_keys
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.sampling.registry import SAMPLERS
 
@@ -54,11 +58,12 @@ def ar_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *, vocab_
     tokens = tokens.at[:, :prompt_len].set(jnp.broadcast_to(p, (batch_size, prompt_len)))
   t = jnp.zeros((batch_size,), jnp.float32)
   bos = jnp.full((batch_size, 1), bos_id, jnp.int32)
+  rows = row_keys(key, batch_size)
 
   def body(i, tokens):
-    k_net, k_tok = jax.random.split(jax.random.fold_in(key, i), 2)
+    k_net, k_tok = step_keys(rows, i, 2)
     inputs = jnp.concatenate([bos, tokens[:, :-1]], axis=1)
-    logits = apply_fn(params, inputs[..., None], t, train=False, rng=k_net)
+    logits = apply_fn(params, inputs[..., None], t, train=False, rng=k_net[0])
     row = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
     row = apply_filters(row[..., :vocab_size].astype(jnp.float32), temperature, top_k,
                         top_p, top_p_rule)

@@ -9,6 +9,19 @@
 * ``token_confidence``: the per-token confidence scores of docs/method/algorithms.md §7.3-7.5.
 * ``descending_ranks``: rank 0 = most confident, per row, ties by position;
   optionally by group (block) first.
+* ``row_keys``, ``step_keys``, ``row_uniform``, ``row_gumbel``, ``row_beta``: the
+  per-row random draws every sampler makes (below).
+
+Per-row randomness.  A sampler's ``key`` is either one key, whose row b gets
+fold_in(key, b), or a batch of per-row keys [B] (``row_keys(key, n, row_offset)``:
+fold_in(key, row_offset + b), what ``generate.run_sampler`` passes, so that sample i
+of a run is drawn from fold_in(key(seed), i) whatever the batches it was drawn in).
+At step k row b's draws come from split(fold_in(row_key_b, k), n) only, each draw a
+vmap over the rows, so a row's sample depends on its own key and nothing else: not
+on the batch size, the other rows, the mesh, the number of devices or processes.
+The network's ``rng`` (dropout, unused at ``train=False``) is the first row's.
+Every draw here is in ``filters.draw_dtype()`` (float32, or float64 inside
+``filters.sampling_precision("float64")``).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mdm_jax.diffusion.prime import PrimeCodec
-from mdm_jax.sampling.filters import apply_filters
+from mdm_jax.sampling.filters import apply_filters, draw_dtype
 from mdm_jax.diffusion.schedules import Schedule
 
 Array = jax.Array
@@ -107,3 +120,41 @@ def merge_tokens(codec: PrimeCodec, digits: Array, tokens: Array, where: Array) 
   """
   fill = where[..., None] & (digits == codec.mask_id)
   return jnp.where(fill, codec.encode(tokens), digits).astype(jnp.int32)
+
+
+def row_keys(key: Array, batch_size: int, row_offset=0) -> Array:
+  """Typed per-row keys [batch_size]: fold_in(key, row_offset + b) for one key (typed or
+  raw); a batch of keys [batch_size] is returned as it is."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if key.ndim == 0:
+    ids = jnp.asarray(row_offset, jnp.uint32) + jnp.arange(batch_size, dtype=jnp.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  if key.shape != (batch_size,):
+    raise ValueError(f"a sampler's key is one key or {batch_size} per-row keys, got shape "
+                     f"{key.shape}.")
+  return key
+
+
+def step_keys(rows: Array, step, num: int) -> Tuple[Array, ...]:
+  """``num`` per-row key batches [B] for one step: split(fold_in(row_key, step), num)."""
+  ks = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(r, step), num))(rows)   # [B, num]
+  return tuple(ks[:, j] for j in range(num))
+
+
+def row_uniform(keys: Array, shape) -> Array:
+  """U[0, 1) of ``shape`` = [B, ...], row b from keys[b] (``draw_dtype()``)."""
+  return jax.vmap(lambda k: jax.random.uniform(k, tuple(shape[1:]), draw_dtype()))(keys)
+
+
+def row_gumbel(keys: Array, shape) -> Array:
+  """Standard Gumbel of ``shape`` = [B, ...], row b from keys[b] (``draw_dtype()``)."""
+  return jax.vmap(lambda k: jax.random.gumbel(k, tuple(shape[1:]), draw_dtype()))(keys)
+
+
+def row_beta(keys: Array, a: Array, b: Array) -> Array:
+  """Beta(a_r, b_r) per row [B], row r from keys[r] (``draw_dtype()``)."""
+  dtype = draw_dtype()
+  return jax.vmap(lambda k, x, y: jax.random.beta(k, x.astype(dtype), y.astype(dtype),
+                                                  dtype=dtype))(keys, a, b)

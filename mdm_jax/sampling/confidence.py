@@ -25,6 +25,12 @@ not an exact sampler of the model; it trades diversity for coherence, which
 helps most with small or briefly trained models.  Every step calls the
 network (NFE = T).  Prompt positions never change; no mask id or invalid id
 is ever emitted (carry_over=True).
+
+Draws: the proposals x^ are a float32 high-range Gumbel categorical per token
+(float64 with ``sampling.precision="float64"``), row b's from its own key
+(``sampling/common.py``); the order is then deterministic (ties by position) and the
+count revealed per row depends only on that row, so a sample does not depend on
+the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import jax.numpy as jnp
 
 from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, time_grid
-from mdm_jax.sampling.common import CONFIDENCES, descending_ranks, token_confidence
+from mdm_jax.sampling.common import (CONFIDENCES, descending_ranks, row_keys, step_keys,
+                                     token_confidence)
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
@@ -75,14 +82,15 @@ def confidence_sample(apply_fn, params: Any, key: jax.Array, *, codec: PrimeCode
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
   block = jnp.arange(seq_len, dtype=jnp.int32) // block_len if block_len else None   # [L]
   m0 = jnp.sum(jnp.any(digits0 == mask_id, -1), -1).astype(jnp.float32)       # [B]
+  rows = row_keys(key, batch_size)
 
   def step(carry, k):
     digits, nfe = carry
     t, s = ts[k], ts[k + 1]
-    k_net, k_tok = jax.random.split(jax.random.fold_in(key, k))
+    k_net, k_tok = step_keys(rows, k, 2)
     tok_masked = jnp.any(digits == mask_id, -1)                                # [B, L]
     logits = apply_fn(params, digits, jnp.full((batch_size,), t, jnp.float32), train=False,
-                      rng=k_net)
+                      rng=k_net[0])
     lp = codec.token_logprobs(logits.astype(jnp.float32), digits if carry_over else None)
     lp = apply_filters(lp, temperature, top_k, top_p, top_p_rule)
     x_hat = sample_categorical(k_tok, lp)

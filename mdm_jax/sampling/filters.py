@@ -14,13 +14,29 @@ a large temperature, which would otherwise bring -1e9 / tau back into range.
 ``sample_categorical`` draws with the high-dynamic-range Gumbel noise
 (``mode="high"``): the default float32 Gumbel is capped at ~15.9 and biases
 categories below ~1e-7 (docs/method/algorithms.md §7.7); "high" pushes that to ~1e-14.
+
+Precision (``config.sampling.precision``).  The samplers' random draws -- this
+categorical, and the uniform / Gumbel / Beta draws of ``sampling/common.py`` -- are
+float32 by default.  ``sampling_precision("float64")`` traces a sampler with JAX's
+64-bit mode on and makes every one of those draws float64 (the log-probabilities are
+cast to float64 before the Gumbel draw, as the Prime authors sample); the network and
+the filters are unchanged.  It needs a backend with float64 (CPU and GPU; not TPU) and
+raises a ``ConfigError`` elsewhere.
+
+A batch of keys (shape [B], one per row) draws row b's categories from key b
+alone, so a row's draw does not depend on the other rows (``sampling/common.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from mdm_jax.core.errors import ConfigError
 from mdm_jax.diffusion.prime import NEG_INF
 
 Array = jax.Array
@@ -154,7 +170,72 @@ def apply_filters(logits: Array, temperature=1.0, top_k: int = 0, top_p=1.0,
   return x
 
 
+PRECISIONS = ("float32", "float64")
+_DRAW_DTYPE = contextvars.ContextVar("mdm_jax_sampling_draw_dtype", default="float32")
+
+
+def draw_dtype():
+  """The dtype of the samplers' random draws: float32, or float64 inside
+  ``sampling_precision("float64")``."""
+  return jnp.float64 if _DRAW_DTYPE.get() == "float64" else jnp.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _has_float64(platform: str) -> bool:
+  """Whether the backend computes in float64 (one probe per platform, eager even in a trace)."""
+  if platform == "tpu":
+    return False
+  try:
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+      x = jnp.asarray(1.0, jnp.float64) + jnp.asarray(2.0 ** -40, jnp.float64)
+      return x.dtype == jnp.float64 and float(x) != 1.0
+  except Exception:  # pylint: disable=broad-except   # a backend that refuses float64
+    return False
+
+
+def check_precision(precision: str) -> None:
+  """Raises ``ConfigError`` for an unknown precision, or float64 on a backend without it."""
+  if precision not in PRECISIONS:
+    raise ConfigError(f"sampling.precision must be one of {PRECISIONS}, got {precision!r}.")
+  if precision == "float32":
+    return
+  platform = jax.devices()[0].platform
+  if not _has_float64(platform):
+    raise ConfigError(f"sampling.precision='float64' needs a backend with float64 (CPU or GPU); "
+                      f"this one ({platform}) has none. Use sampling.precision='float32' (the "
+                      "two-stage float32 draws with high-range Gumbel noise).")
+
+
+@contextlib.contextmanager
+def sampling_precision(precision: str = "float32"):
+  """Trace (and compile) a sampler inside this to set the precision of its draws.
+
+  "float32": a no-op.  "float64": JAX's 64-bit mode on, and every draw float64
+  (``check_precision`` first).
+  """
+  check_precision(precision)
+  if precision == "float32":
+    yield
+    return
+  token = _DRAW_DTYPE.set(precision)
+  try:
+    with jax.enable_x64(True):
+      yield
+  finally:
+    _DRAW_DTYPE.reset(token)
+
+
 def sample_categorical(key: Array, logits: Array) -> Array:
-  """One draw per row of logits [..., V] -> int32 [...], high-dynamic-range Gumbel."""
+  """One draw per row of logits [..., V] -> int32 [...], high-dynamic-range Gumbel.
+
+  ``key``: one key, or a batch of keys [B] (logits [B, ..., V]): row b is then drawn
+  from key b alone.  The Gumbel draw is in ``draw_dtype()`` (float32 unless the sampler
+  runs inside ``sampling_precision("float64")``).
+  """
+  dtype = draw_dtype()
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if (key.ndim if typed else key.ndim - 1) >= 1:
+    return jax.vmap(sample_categorical)(key, logits)
   return jax.random.categorical(
-      key, jnp.asarray(logits).astype(jnp.float32), axis=-1, mode="high").astype(jnp.int32)
+      key, jnp.asarray(logits).astype(dtype), axis=-1, mode="high").astype(jnp.int32)

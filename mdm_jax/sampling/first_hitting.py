@@ -40,6 +40,12 @@ events are tracked per sequence; a batch runs until its longest sequence is
 done (a call is made while any sequence has a masked element).  Each call
 draws a V-way categorical for every token, simpler than drawing only at the
 chosen one and negligible next to the network.
+
+Draws, all per row from the row's own key (``sampling/common.py``), so a sample
+does not depend on the batch it was drawn in: the level (a Beta), the elements to
+reveal (uniform scores) and the token (a high-range Gumbel categorical); float32,
+or float64 with ``sampling.precision="float64"`` (the level itself is kept in
+float32).
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ import jax.numpy as jnp
 from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits
-from mdm_jax.sampling.common import descending_ranks, model_logprobs, time_for_mask_prob
+from mdm_jax.sampling.common import (descending_ranks, model_logprobs, row_beta, row_keys,
+                                     row_uniform, step_keys, time_for_mask_prob)
 from mdm_jax.sampling.filters import sample_categorical
 from mdm_jax.sampling.registry import SAMPLERS
 
@@ -81,6 +88,7 @@ def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array
   n_el = seq_len * codec.ell
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
   level0 = jnp.full((batch_size,), schedule.mask_prob(jnp.float32(1.0)), jnp.float32)
+  rows = row_keys(key, batch_size)
 
   def cond(carry):
     e, digits, _ = carry
@@ -88,7 +96,7 @@ def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array
 
   def body(carry):
     e, digits, level = carry
-    k_net, k_sel, k_lvl, k_tok = jax.random.split(jax.random.fold_in(key, e), 4)
+    k_net, k_sel, k_lvl, k_tok = step_keys(rows, e, 4)
     flat = digits.reshape(batch_size, n_el)
     masked = flat == mask_id
     n = jnp.sum(masked, -1).astype(jnp.int32)                            # [B]
@@ -97,13 +105,13 @@ def first_hitting_sample(apply_fn: Callable[..., Array], params: Any, key: Array
     # The k-th largest of n i.i.d. U(0, 1) is Beta(n - k + 1, k); for k = 1 it is u^(1/n).
     a = jnp.maximum(n - k + 1, 1).astype(jnp.float32)
     b = jnp.maximum(k, 1).astype(jnp.float32)
-    frac = jax.random.beta(k_lvl, a, b, dtype=jnp.float32)
+    frac = row_beta(k_lvl, a, b).astype(jnp.float32)
     level = jnp.where(n > 0, level * frac, level)
     t = jnp.maximum(time_for_mask_prob(schedule, level), eps)
     # k uniformly chosen masked elements per sequence.
-    ranks = descending_ranks(jax.random.uniform(k_sel, flat.shape, jnp.float32), masked)
+    ranks = descending_ranks(row_uniform(k_sel, flat.shape), masked)
     reveal = masked & (ranks < k[:, None])
-    _, lp = model_logprobs(apply_fn, params, codec, digits, t, k_net, carry_over=carry_over,
+    _, lp = model_logprobs(apply_fn, params, codec, digits, t, k_net[0], carry_over=carry_over,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            top_p_rule=top_p_rule)
     y_hat = codec.encode(sample_categorical(k_tok, lp)).reshape(batch_size, n_el)

@@ -14,6 +14,12 @@ module's fields, a bound method by its object), the keyword arguments, the logic
 rules, the mesh and the parameters' shardings.  The cache holds what it keys on, so a
 key cannot be taken over by a new model while its entry lives, and it is bounded, so an
 old model is let go once ``CACHE_SIZE`` newer settings have been run.
+
+Sample i of a run with seed s is drawn from the per-row key fold_in(key(s), i)
+(``sampling/common.py``): ``row_offset`` is the global index of a call's first sample,
+so ``num_samples`` drawn in batches (``row_offset`` = the samples drawn before) are the
+same samples as one big call, on any mesh.  ``precision`` sets the precision of the
+draws (``filters.sampling_precision``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mdm_jax.core import distributed
 from mdm_jax.metrics.text import unigram_entropy
+from mdm_jax.sampling.common import row_keys
+from mdm_jax.sampling.filters import sampling_precision
 from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, get_sampler, sampler_entry
 
 # The config.sampling keys that the built-in samplers' options specs declare (each
@@ -162,49 +170,60 @@ def abstract_key(*args) -> Hashable:
 _SAMPLERS_CACHE = BoundedCache(CACHE_SIZE)
 
 
-def _entry_key(apply_fn, name, kwargs, rules, cache_key, mesh, params):
+def _entry_key(apply_fn, name, kwargs, rules, cache_key, mesh, params, precision):
   return (name, get_sampler(name), value_key(apply_fn), value_key(cache_key), value_key(rules),
-          value_key(kwargs), sharding_key(mesh, params))
+          value_key(kwargs), sharding_key(mesh, params), str(precision))
 
 
 def jitted_sampler(apply_fn: Callable, name: str, kwargs: Dict[str, Any], rules=None,
-                   cache_key: Any = None, *, mesh=None, params=None):
+                   cache_key: Any = None, *, mesh=None, params=None,
+                   precision: str = "float32"):
   """A jitted ``(params, key) -> SampleResult`` for the sampler ``name`` and static kwargs.
 
   With a ``mesh`` and placed ``params`` (arrays or ``ShapeDtypeStruct``s with shardings)
   its shardings are explicit: parameters as given, key and outputs replicated.
   ``cache_key`` is an extra value for the cache key (the model function's value already
-  is one).
+  is one).  ``precision="float64"``: traced and compiled inside
+  ``sampling_precision("float64")`` (``run_sampler`` does).
   """
-  return _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params)["jit"]
+  return _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params, precision)["jit"]
 
 
-def _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params) -> Dict[str, Any]:
+def _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params,
+            precision="float32") -> Dict[str, Any]:
   fn = get_sampler(name)
 
   def make():
     def run(params, rng):
-      with nn.logical_axis_rules(rules or ()):
+      with nn.logical_axis_rules(rules or ()), sampling_precision(precision):
         return fn(apply_fn, params, rng, **kwargs)
     return {"jit": jit_with_shardings(run, mesh, params),
             "compiled": BoundedCache(EXECUTABLES_PER_SAMPLER)}
 
-  return _SAMPLERS_CACHE.get(_entry_key(apply_fn, name, kwargs, rules, cache_key, mesh, params),
+  return _SAMPLERS_CACHE.get(_entry_key(apply_fn, name, kwargs, rules, cache_key, mesh, params,
+                                        precision),
                              make)
 
 
 def run_sampler(apply_fn: Callable, params, name: str, kwargs: Dict[str, Any], *, seed: int,
                 num_samples: int, seq_len: int, num_steps: int, mesh=None, rules=None,
-                cache_key: Any = None, report_idle: bool = True) -> Tuple[Any, Dict[str, Any]]:
-  """Samples with the registered sampler ``name``; returns (SampleResult, stats)."""
-  cached = _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params)
+                cache_key: Any = None, report_idle: bool = True, row_offset: int = 0,
+                precision: str = "float32") -> Tuple[Any, Dict[str, Any]]:
+  """Samples with the registered sampler ``name``; returns (SampleResult, stats).
+
+  The call's sample b is drawn from fold_in(key(seed), row_offset + b) (the sampler gets
+  these per-row keys), whatever num_samples, mesh or process count.
+  """
+  cached = _cached(apply_fn, name, kwargs, rules, cache_key, mesh, params, precision)
   fn = cached["jit"]
-  rng = jax.random.key(int(seed))
+  rng = row_keys(jax.random.key(int(seed)), int(num_samples), int(row_offset))
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     t0 = time.time()
-    # lower().compile() bypasses jit's own cache: the executable is kept here.
-    compiled = cached["compiled"].get(abstract_key(params, rng),
-                                      lambda: fn.lower(params, rng).compile())
+
+    def compile_it():    # lower().compile() bypasses jit's own cache: kept here
+      with sampling_precision(precision):
+        return fn.lower(params, rng).compile()
+    compiled = cached["compiled"].get(abstract_key(params, rng), compile_it)
     compile_s = time.time() - t0
     t0 = time.time()
     res = jax.block_until_ready(compiled(params, rng))

@@ -62,6 +62,13 @@ Time: the network gets t = alpha^{-1}(1 - f) per sequence, f = the fraction of
 its generated digits still masked (only a time-conditioned network cares;
 a per-position schedule contributes its population rate ``mask_prob``).
 Prompt / infill tokens are fixed from the start and never committed over.
+
+Draws: the proposals x^ are the only random numbers (a float32 high-range
+Gumbel categorical per token, float64 with ``sampling.precision="float64"``),
+row b's from its own key (``sampling/common.py``); every rule then decides per
+row (ties by position), and a test call that one row needs changes nothing in a
+row that has nothing to test, so a sample does not depend on the batch it was
+drawn in.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits
 from mdm_jax.sampling.common import (CONFIDENCES, descending_ranks, entropy, merge_tokens,
-                                     model_logprobs, time_for_mask_prob, token_confidence)
+                                     model_logprobs, row_keys, step_keys, time_for_mask_prob,
+                                     token_confidence)
 from mdm_jax.sampling.filters import sample_categorical
 from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
 
@@ -110,6 +118,7 @@ def _adaptive_sample(apply_fn, params, key, *, codec: PrimeCodec, schedule: Sche
   digits0 = initial_digits(codec, batch_size, seq_len, prompt, prompt_mask)
   n_gen = jnp.maximum(jnp.sum(digits0 == mask_id, (-1, -2)), 1).astype(jnp.float32)   # [B]
   top = schedule.mask_prob(jnp.float32(1.0))
+  rows = row_keys(key, batch_size)
 
   def call(digits, t, rng):
     return model_logprobs(apply_fn, params, codec, digits, t, rng, carry_over=carry_over,
@@ -122,15 +131,15 @@ def _adaptive_sample(apply_fn, params, key, *, codec: PrimeCodec, schedule: Sche
 
   def body(carry):
     k, digits, nfe = carry
-    k_net, k_tok, k_sel = jax.random.split(jax.random.fold_in(key, k), 3)
+    k_net, k_tok, k_sel = step_keys(rows, k, 3)
     masked = digits == mask_id
     tok_masked = jnp.any(masked, -1)                                         # [B, L]
     frac = jnp.sum(masked, (-1, -2)).astype(jnp.float32) / n_gen
     t = jnp.maximum(time_for_mask_prob(schedule, frac * top), eps)           # [B]
-    lp_raw, lp = call(digits, t, k_net)
+    lp_raw, lp = call(digits, t, k_net[0])
     x_hat = sample_categorical(k_tok, lp)                                    # [B, L]
     last = k == num_steps - 1
-    ctx = dict(digits=digits, tok_masked=tok_masked, lp=lp_raw, x_hat=x_hat, t=t, key=k_sel,
+    ctx = dict(digits=digits, tok_masked=tok_masked, lp=lp_raw, x_hat=x_hat, t=t, key=k_sel[0],
                active=~last, call=call)
     commit, extra = select(ctx)
     commit = jnp.where(last, tok_masked, commit & tok_masked)

@@ -76,6 +76,13 @@ Three registered samplers:
   steps after which nothing changed (revealed or re-masked).
 
 Prompt / infill positions are fixed and never re-masked by any of them.
+
+Draws, all per row from the row's own key (``sampling/common.py``), so a sample
+does not depend on the batch it was drawn in: the proposals (a high-range Gumbel
+categorical), MaskGIT's selection Gumbel noise, the probe choice, and ReMDM's
+reveal and re-mask uniforms; float32, or float64 with
+``sampling.precision="float64"``.  A probe call that one row needs gives history
+entries only to the rows that can re-mask in that step.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ import jax.numpy as jnp
 from mdm_jax.diffusion.prime import PrimeCodec
 from mdm_jax.diffusion.schedules import Schedule
 from mdm_jax.sampling.ancestral import SampleResult, initial_digits, per_digit, time_grid
-from mdm_jax.sampling.common import descending_ranks, merge_tokens, model_logprobs
+from mdm_jax.sampling.common import (descending_ranks, merge_tokens, model_logprobs, row_gumbel,
+                                     row_keys, row_uniform, step_keys)
 from mdm_jax.sampling.filters import apply_filters, sample_categorical
 from mdm_jax.sampling.registry import SAMPLERS, SamplerOptions, choices
 
@@ -136,15 +144,16 @@ def _maskgit(apply_fn, params, key, *, codec: PrimeCodec, schedule: Schedule, ba
   cap_tab = jnp.stack([
       jnp.full_like(m0, int(c)) if c >= 1 else jnp.ceil(c * m0).astype(jnp.int32)
       for c in caps])                                                       # [3, B]
+  rows = row_keys(key, batch_size)
 
   def step(carry, s):
     digits, hsum, hcnt, nfe, n_remasked = carry
-    k_net, k_tok, k_sel, k_pick, k_pnet = jax.random.split(jax.random.fold_in(key, s), 5)
+    k_net, k_tok, k_sel, k_pick, k_pnet = step_keys(rows, s, 5)
     last = s == big_t - 1
     tt = jnp.full((batch_size,), ts[s], jnp.float32)
     tok_masked = jnp.any(digits == mask_id, -1)
     decoded = gen & ~tok_masked
-    logits = apply_fn(params, digits, tt, train=False, rng=k_net).astype(jnp.float32)
+    logits = apply_fn(params, digits, tt, train=False, rng=k_net[0]).astype(jnp.float32)
     lp_raw = codec.token_logprobs(logits, digits if carry_over else None)
     lp = apply_filters(lp_raw, temperature, top_k, top_p, top_p_rule)
     x_hat = sample_categorical(k_tok, lp)
@@ -165,12 +174,14 @@ def _maskgit(apply_fn, params, key, *, codec: PrimeCodec, schedule: Schedule, ba
         p_cur = jnp.exp(_pick(codec.token_logprobs(logits, None), x_cur))
         add = decoded
       else:
-        do = jnp.any(n_re > 0) & jnp.any(decoded)
-        probe = decoded & (jax.random.uniform(k_pick, gen.shape) < probe_frac)
+        # Only rows that can re-mask this step are probed (and get a history entry).
+        can = (n_re > 0) & jnp.any(decoded, -1)                             # [B]
+        do = jnp.any(can)
+        probe = decoded & (row_uniform(k_pick, gen.shape) < probe_frac) & can[:, None]
         x_in = jnp.where(probe[..., None], mask_id, digits).astype(jnp.int32)
 
         def run_probe():
-          lg = apply_fn(params, x_in, tt, train=False, rng=k_pnet).astype(jnp.float32)
+          lg = apply_fn(params, x_in, tt, train=False, rng=k_pnet[0]).astype(jnp.float32)
           return jnp.exp(_pick(codec.token_logprobs(lg, x_in if carry_over else None), x_cur))
 
         p_cur = jax.lax.cond(do, run_probe, lambda: jnp.zeros(gen.shape, jnp.float32))
@@ -183,7 +194,7 @@ def _maskgit(apply_fn, params, key, *, codec: PrimeCodec, schedule: Schedule, ba
       mean = hsum / jnp.maximum(hcnt, 1)
       remask = eligible & (descending_ranks(-mean, eligible) < n_re[:, None])
     # MaskGIT: the (keep - n_re) least confident proposals (with Gumbel noise) stay masked.
-    noisy = conf + select_temp * jax.random.gumbel(k_sel, conf.shape, jnp.float32)
+    noisy = conf + select_temp * row_gumbel(k_sel, conf.shape)
     n_commit = jnp.sum(tok_masked, -1) - (keep - n_re)
     commit = tok_masked & (descending_ranks(noisy, tok_masked) < n_commit[:, None])
     new = merge_tokens(codec, digits, x_hat, commit)
@@ -340,17 +351,18 @@ def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
                           top_p_rule=top_p_rule)[1]
 
   lp0 = jnp.zeros((batch_size, seq_len, codec.vocab_size), jnp.float32)
+  rows = row_keys(key, batch_size)
 
   def step(carry, k):
     digits, lp_cache, dirty, nfe, idle, psi, n_remasked = carry
     final = k == num_steps
     t, s = ts[k], ts[jnp.minimum(k + 1, num_steps)]
-    k_step = jax.random.fold_in(key, k)
-    k_net, k_tok, k_rev = jax.random.split(k_step, 3)     # exactly ancestral's keys
-    k_re = jax.random.fold_in(k_step, 0x52454D)           # a separate stream for re-masking
+    k_net, k_tok, k_rev = step_keys(rows, k, 3)          # exactly ancestral's keys
+    k_re = jax.vmap(lambda r: jax.random.fold_in(         # a separate stream for re-masking
+        jax.random.fold_in(r, k), 0x52454D))(rows)
     masked = digits == mask_id
     need = jnp.any(masked) & (dirty | force_call)
-    lp = jax.lax.cond(need, lambda: log_probs(digits, t, k_net), lambda: lp_cache)
+    lp = jax.lax.cond(need, lambda: log_probs(digits, t, k_net[0]), lambda: lp_cache)
     nfe = nfe + need.astype(jnp.int32)
     x_hat = sample_categorical(k_tok, lp)
     y_hat = codec.encode(x_hat)
@@ -376,9 +388,9 @@ def remdm_sample(apply_fn: Callable[..., Array], params: Any, key: Array, *,
     # (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); sigma = 0 is ancestral's expression.
     p_reveal = jnp.clip((a_s - a_t + sig_unmask * a_t) / jnp.maximum(1.0 - a_t, 1e-30), 0.0, 1.0)
     p_reveal = jnp.where(final, 1.0, p_reveal).astype(jnp.float32)
-    u = jax.random.uniform(k_rev, digits.shape, jnp.float32)
+    u = row_uniform(k_rev, digits.shape)
     reveal = masked & (u < p_reveal)
-    u2 = jax.random.uniform(k_re, digits.shape, jnp.float32)
+    u2 = row_uniform(k_re, digits.shape)
     remask = revealed & (u2 < sigma)
     new = jnp.where(reveal, y_hat, jnp.where(remask, mask_id, digits)).astype(jnp.int32)
     psi = jnp.where(reveal, jnp.exp(_pick(lp, x_hat))[..., None], psi)

@@ -188,12 +188,17 @@ class TokenTask(Task):
     """Stratified times in [t_min, 1] over the global batch."""
     return elbo.sample_times(key, batch_size, self.loss_cfg.t_min, self.loss_cfg.antithetic)
 
-  def bound(self, params, tokens, key, num_time_samples: int) -> jax.Array:
-    """Per-sequence evaluation NLL in nats: exact (AR) or a valid bound (diffusion)."""
+  def bound(self, params, tokens, key, num_time_samples: int, row_ids=None) -> jax.Array:
+    """Per-sequence evaluation NLL in nats: exact (AR) or a valid bound (diffusion).
+
+    ``row_ids``: the rows' global indices in the eval set (a row's random draws come from
+    them, so its value does not depend on the eval batch); default 0..B-1.
+    """
     raise NotImplementedError
 
   def eval_sums(self, params, batch, key):
-    per_seq = self.bound(params, batch["tokens"], key, self.num_time_samples)
+    per_seq = self.bound(params, batch["tokens"], key, self.num_time_samples,
+                         row_ids=batch.get("row_ids"))
     w = batch["weights"]
     return {"nll": jnp.sum(per_seq * w), "tokens": jnp.sum(w) * batch["tokens"].shape[1]}
 
@@ -225,7 +230,12 @@ class TokenTask(Task):
 
   def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
                sampler=None, mesh=None, rules=None, **kwargs):
-    """Samples sequences; returns (SampleResult, stats with NFE, wall time, tokens/s, entropy)."""
+    """Samples sequences; returns (SampleResult, stats with NFE, wall time, tokens/s, entropy).
+
+    ``row_offset`` (keyword): the global index of the first sample, when a run's samples
+    are drawn in several calls (sample i is drawn from fold_in(key(seed), i)).
+    """
+    row_offset = int(kwargs.pop("row_offset", 0))
     del kwargs
     sc = config.sampling
     sampler = sampler or self.default_sampler(config)
@@ -243,7 +253,8 @@ class TokenTask(Task):
     return generate_lib.run_sampler(
         self.apply_fn, params, sampler, kw, seed=int(sc.seed if seed is None else seed),
         num_samples=n, seq_len=seq_len, num_steps=steps, mesh=mesh, rules=rules,
-        report_idle=self.objective != "ar")
+        report_idle=self.objective != "ar", row_offset=row_offset,
+        precision=str(sc.get("precision", "float32")))
 
 
 def loss_config(config) -> elbo.DiffusionLossConfig:

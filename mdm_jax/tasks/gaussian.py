@@ -313,8 +313,12 @@ class GaussianTask(Task):
     return np.exp(np.linspace(math.log(e.sigma_min * 10), math.log(e.sigma_max / 4), nb)
                   ).astype(np.float32)
 
-  def eval_losses(self, params, tokens, labels, key):
-    """Per-image L_G [nb, B] at the fixed eval levels with fixed ε (fold_in(key, bucket))."""
+  def eval_losses(self, params, tokens, labels, key, row_ids=None):
+    """Per-image L_G [nb, B] at the fixed eval levels with fixed ε (fold_in(key, bucket)).
+
+    With ``row_ids`` (the images' global eval indices) image r's ε at bucket i comes from
+    fold_in(fold_in(key, i), r), so it does not depend on the eval batch.
+    """
     mc = self.mc
     x0 = self.images_to_patches(tokens)
     b = x0.shape[0]
@@ -323,7 +327,12 @@ class GaussianTask(Task):
     out = []
     for i, lvl in enumerate(self.eval_levels()):
       noise = jnp.full((b,), lvl)
-      eps = jax.random.normal(jax.random.fold_in(key, i), x0.shape, jnp.float32)
+      k_i = jax.random.fold_in(key, i)
+      if row_ids is None:
+        eps = jax.random.normal(k_i, x0.shape, jnp.float32)
+      else:
+        eps = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(k_i, r), x0.shape[1:],
+                                                   jnp.float32))(row_ids)
       pred = fns.denoise(params, net_input(self.gc, self.schedule, x0, eps, noise),
                          net_level(self.gc, noise), y, False)
       out.append(g_loss(self.gc, pred, x0, eps, noise))
@@ -374,7 +383,8 @@ class GaussianTask(Task):
     labels = batch.get("labels")
     if self.mc.num_classes == 0:
       labels = None
-    per = self.eval_losses(params, batch["tokens"], labels, key)        # [nb, B]
+    per = self.eval_losses(params, batch["tokens"], labels, key,
+                           row_ids=batch.get("row_ids"))                # [nb, B]
     w = batch["weights"]
     return {"denoise_loss": jnp.sum(per * w[None], axis=1), "images": jnp.sum(w)}
 
@@ -420,9 +430,14 @@ class GaussianTask(Task):
                                                                         else 2)
 
   def generate(self, params, config, *, seed=None, num_samples=None, num_steps=None,
-               sampler=None, mesh=None, rules=None, labels=None, guidance=None):
+               sampler=None, mesh=None, rules=None, labels=None, guidance=None, row_offset=0):
     """The ``Task.generate`` contract (``tasks/base.py``): (GaussianSample, stats).  Labels
-    default to classes 0, 1, 2, ... in turn (the null label for an unconditional model)."""
+    default to classes 0, 1, 2, ... in turn (the null label for an unconditional model).
+
+    ``row_offset`` (the index of the first sample when samples are drawn in several calls)
+    selects the call's key, fold_in(key(seed), row_offset); the Gaussian samplers draw one
+    noise array per call, so unlike the token samplers their samples depend on the batch.
+    """
     sc = config.sampling
     n = int(num_samples or sc.num_samples)
     steps = int(num_steps or sc.num_steps)
@@ -435,6 +450,8 @@ class GaussianTask(Task):
     labels = jnp.asarray(labels, jnp.int32)
     fn = self._sample_jit(n, steps, sampler, w, rules, mesh, params)
     rng = jax.random.key(int(sc.seed if seed is None else seed))
+    if row_offset:
+      rng = jax.random.fold_in(rng, int(row_offset))
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
       t0 = time.time()

@@ -70,10 +70,11 @@ class MaskedDiffusionTask(TokenTask):
                                schedule=self.schedule, cfg=self.loss_cfg, train=train, t=t,
                                row_ids=row_ids, split=self.split)
 
-  def bound(self, params, tokens, key, num_time_samples: int):
+  def bound(self, params, tokens, key, num_time_samples: int, row_ids=None):
     return elbo.diffusion_bound(self.apply_fn, params, tokens, key, codec=self.codec,
                                 schedule=self.schedule, cfg=self.loss_cfg,
-                                num_time_samples=num_time_samples, split=self.split)
+                                num_time_samples=num_time_samples, split=self.split,
+                                row_ids=row_ids)
 
   def sampler_kwargs(self, sampler, config, num_samples, seq_len, num_steps):
     if sampler == "ar":

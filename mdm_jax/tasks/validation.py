@@ -157,3 +157,6 @@ def _validate_sampler_options(config) -> None:
   if int(sc.block_len) < 0:
     raise ConfigError(f"sampling.block_len must be >= 0 (0 = no blocks, 1 = left to right), "
                       f"got {sc.block_len}.")
+  if str(sc.get("precision", "float32")) not in ("float32", "float64"):
+    raise ConfigError(f"sampling.precision must be 'float32' or 'float64' (the precision of the "
+                      f"samplers' random draws), got {sc.precision!r}.")

@@ -186,17 +186,26 @@ def evaluate(eval_step, task, params, batches: List[Dict[str, np.ndarray]], mesh
              seed: int) -> Dict[str, Any]:
   """``task.eval_summary`` of the eval sums over fixed batches (summed in float64).
 
-  Each batch gets the key fold_in(key(seed), i); rows without a ``weights`` field count 1.
+  Every batch gets the key key(seed) and a ``row_ids`` field, each row's global index in
+  the eval set (batch i of global size B holds rows i B .. i B + B - 1, this process
+  its slice of them), from which the task draws that row's randomness: the result does
+  not depend on the eval batch size, the mesh or the process count.  Rows without a
+  ``weights`` field count 1.
   """
   totals: Dict[str, np.ndarray] = {}
-  base = jax.random.key(seed)
+  key = jax.random.key_data(jax.random.key(seed))
   bs = shd.batch_sharding(mesh)
+  index, count = shd.process_batch_slice(mesh)
+  offset = 0
   with jax.set_mesh(mesh):
-    for i, b in enumerate(batches):
+    for b in batches:
       b = dict(b)
-      b.setdefault("weights", np.ones(len(b["tokens"]), np.float32))
+      local = len(b["tokens"])
+      b.setdefault("weights", np.ones(local, np.float32))
+      b.setdefault("row_ids", offset + index * local + np.arange(local, dtype=np.int32))
+      offset += local * count
       gb = {k: shd.global_batch(v, bs) for k, v in b.items()}
-      sums = eval_step(params, gb, jax.random.key_data(jax.random.fold_in(base, i)))
+      sums = eval_step(params, gb, key)
       for k, v in distributed.host_arrays(sums).items():
         totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
   return task.eval_summary(totals)
