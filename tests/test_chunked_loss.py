@@ -122,11 +122,11 @@ def test_padded_head_masks_its_extra_columns():
   x = task.features_fn(params, digits, t)
   padded = task.model.head_logits(params, x)
   assert padded.shape == (2, task.seq_len, 48)
-  np.testing.assert_allclose(np.asarray(padded[..., :VOCAB]), np.asarray(logits), rtol=1e-6)
+  # Equal up to float32 rounding: the head's matmul is fused differently at 48 columns.
+  _close(padded[..., :VOCAB], logits)
   assert np.all(np.asarray(padded[..., VOCAB:]) <= -1e8)
   # The codec reads only the first V columns: the same code logits either way.
-  np.testing.assert_array_equal(np.asarray(task.codec.code_logits(padded)),
-                                np.asarray(task.codec.code_logits(logits)))
+  _close(task.codec.code_logits(padded), task.codec.code_logits(logits))
   # Nothing of the padding reaches a probability.
   lp = task.codec.token_logprobs(padded)
   np.testing.assert_allclose(np.asarray(jnp.sum(jnp.exp(lp), -1)), 1.0, rtol=1e-5)
