@@ -60,7 +60,7 @@ def conditional_bound_samples(apply_fn: ApplyFn, params: Any, tokens: Array, vis
     num_time_samples: K.
     split: the network cut before its head (``model.loss_chunk``); same values.
   """
-  if getattr(schedule, "value_dependent", False):
+  if schedule.value_dependent:
     raise ValueError(f"schedule {schedule.name!r} masks by value; the conditional bound "
                      "implements value-independent schedules only.")
   bsz, length = tokens.shape
