@@ -284,8 +284,12 @@ class DiffusionLMEvaluator:
         for r, (_, ids, _, _) in enumerate(chunk):
           prompt[r, :len(ids)] = ids
           mask[r, :len(ids)] = True
-        key = jax.random.fold_in(jax.random.key(self.seed), 1_000_003 + self._calls)
-        self._calls += 1
+        # One key per request, from its index (padding rows: indices past the end), so a
+        # request's continuation does not depend on the batch it lands in.
+        rows = [i for i, _, _, _ in chunk] + list(range(len(requests),
+                                                        len(requests) + self.batch_size - len(chunk)))
+        gen_key = jax.random.fold_in(jax.random.key(self.seed), 1_000_003)
+        key = jax.vmap(lambda i: jax.random.fold_in(gen_key, i))(jnp.asarray(rows, jnp.uint32))
         if self.mesh is not None:
           with jax.set_mesh(self.mesh):
             toks = fn(self.params, key, jnp.asarray(prompt), jnp.asarray(mask))
